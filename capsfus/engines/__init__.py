@@ -1,0 +1,34 @@
+"""Engines behind one interface (base.Engine). Heavy ones are imported only when chosen, so an
+``echo`` worker never loads torch."""
+
+from __future__ import annotations
+
+from ..errors import UserError
+from .base import Decoding, Engine, EngineSpec, Generation, GenerationError
+
+ENGINES = ("transformers", "vllm", "echo")
+
+__all__ = ["Decoding", "Engine", "EngineSpec", "Generation", "GenerationError", "ENGINES",
+           "load_engine"]
+
+
+def load_engine(spec: EngineSpec) -> Engine:
+    if spec.engine == "echo":
+        from .echo import EchoEngine
+        return EchoEngine(spec)
+    if spec.engine == "transformers":
+        if not spec.model:
+            raise UserError("--engine transformers needs --model (a Hub id or a local folder)")
+        try:
+            from .transformers_engine import TransformersEngine
+        except ImportError as e:
+            raise UserError(f"the transformers engine needs torch and transformers "
+                            f"({e.name} is missing): pip install 'capsfus[transformers]'"
+                            ) from None
+        return TransformersEngine(spec)
+    if spec.engine == "vllm":
+        if not spec.model:
+            raise UserError("--engine vllm needs --model")
+        from .vllm_engine import VllmEngine
+        return VllmEngine(spec)
+    raise UserError(f"unknown engine {spec.engine!r}; choose one of {', '.join(ENGINES)}")

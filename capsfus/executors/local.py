@@ -1,0 +1,178 @@
+"""The local executor: workers in this process (``--workers 1``) or in child processes that
+die with their parent (PR_SET_PDEATHSIG). Each worker loads its engine once and pulls shards:
+it skips shards that are done, leases the next free one, and goes on until none is left.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..engines import load_engine
+from ..errors import UserError
+from ..io import atomic_write_json
+from ..lease import DEFAULT_HEARTBEAT, DEFAULT_TTL, LeaseDir
+from ..manifest import Run
+from ..runner import StageContext, run_shard
+from ..stage import StageDir
+from ..stages.fuse import FuseJob
+
+log = logging.getLogger("capsfus.worker")
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def input_stage_for(run: Run) -> str:
+    """Fusion reads the caption stage when the run has one, else the ingested input."""
+    return "caption" if (run.root / "caption" / "config.json").exists() else "input"
+
+
+def resolve_revision(job: FuseJob) -> str | None:
+    if job.spec.engine == "echo":
+        return None
+    from ..models import resolve_model
+    _, revision = resolve_model(job.spec.model, job.spec.revision, job.spec.gguf_file)
+    return revision
+
+
+@dataclass
+class Prepared:
+    """A stage checked and configured for a run, ready for workers."""
+
+    job: FuseJob
+    settings_hash: str
+    input_stage: str
+    shards: list[int]
+
+
+def prepare(job: FuseJob, shards: list[int] | None, force: bool = False) -> Prepared:
+    run = Run(Path(job.run_dir))
+    manifest = run.manifest()
+    if not manifest["shards"]:
+        raise UserError(f"{run.root} has no rows to fuse (every input row was rejected at "
+                        f"ingest: see `capsfus cat {run.root} --stage input --rejected`)")
+    input_stage = input_stage_for(run)
+    revision = resolve_revision(job)
+    job = replace(job, spec=replace(job.spec, revision=revision))
+    h = StageDir(run, job.stage).ensure_config(manifest["run_id"], input_stage,
+                                              job.settings(revision), force)
+    if shards is None:
+        shards = list(range(len(manifest["shards"])))
+    return Prepared(job, h, input_stage, shards)
+
+
+def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
+                heartbeat: float = DEFAULT_HEARTBEAT, child: bool = False) -> dict:
+    """One worker: load the engine once, then lease and run shards until none is left."""
+    if child:
+        die_with_parent()
+    job = prep.job
+    run = Run(Path(job.run_dir))
+    stage = StageDir(run, job.stage)
+    logs = stage.root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"worker-{worker_id}.log"
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("capsfus")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    os.environ["CAPSFUS_WORKER_ID"] = worker_id
+    t0 = time.time()
+    log.info("worker %s on %s pid %d: loading %s", worker_id, socket.gethostname(),
+             os.getpid(), job.spec.engine)
+    engine = load_engine(job.spec)
+    load_s = time.time() - t0
+    ctx = StageContext(run=run, manifest=run.manifest(), stage=stage,
+                       input_stage=prep.input_stage, settings_hash=prep.settings_hash,
+                       processor=job.make_processor(engine),
+                       leases=LeaseDir(stage.root / "leases", ttl=lease_ttl),
+                       chunk_size=job.chunk_size, heartbeat=heartbeat,
+                       worker={"id": worker_id, "log": str(log_path)})
+    summary = {"worker": worker_id, "host": socket.gethostname(), "pid": os.getpid(),
+               "engine": engine.describe(), "runtime": engine.runtime(),
+               "load_s": round(load_s, 3), "gen_s": 0.0, "busy_wall_s": 0.0, "shards": {}}
+    t_loaded = time.time()
+    order = _rotate(prep.shards, worker_id)
+    for shard in order:
+        st = stage.read_state(shard)
+        if st and st.get("status") == "done" and stage.final_is_trusted(st, prep.settings_hash):
+            continue
+        res = run_shard(ctx, shard)
+        summary["shards"][str(shard)] = res.status
+        summary["gen_s"] += res.gen_seconds
+        if res.status in ("done", "failed"):
+            log.info("shard %d %s: %d rows, %.1fs generating of %.1fs", shard, res.status,
+                     res.rows, res.gen_seconds, res.wall_seconds)
+        summary["busy_wall_s"] = round(time.time() - t_loaded, 3)
+        summary["gen_s"] = round(summary["gen_s"], 3)
+        summary["generation_share"] = round(summary["gen_s"] / summary["busy_wall_s"], 4) \
+            if summary["busy_wall_s"] else None
+        atomic_write_json(logs / f"worker-{worker_id}.json", summary)
+    engine.close()
+    root.removeHandler(handler)
+    handler.close()
+    return summary
+
+
+def _rotate(shards: list[int], worker_id: str) -> list[int]:
+    """Workers start at different places in the shard list so they rarely race for a lease."""
+    try:
+        k = int(worker_id.rsplit("-", 1)[-1])
+    except ValueError:
+        k = 0
+    n = len(shards)
+    if n == 0:
+        return shards
+    off = (k * max(1, n // 8)) % n
+    return shards[off:] + shards[:off]
+
+
+def _child_entry(prep: Prepared, worker_id: str, lease_ttl: float, heartbeat: float) -> None:
+    worker_main(prep, worker_id, lease_ttl, heartbeat, child=True)
+
+
+def run_local(prep: Prepared, workers: int = 1, lease_ttl: float = DEFAULT_TTL,
+              heartbeat: float = DEFAULT_HEARTBEAT) -> list[dict]:
+    """Runs the stage here; returns the worker summaries. Workers > 1 are child processes."""
+    tag = f"{socket.gethostname()}-{os.getpid()}"
+    if workers <= 1:
+        return [worker_main(prep, f"{tag}-0", lease_ttl, heartbeat)]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_child_entry, args=(prep, f"{tag}-{i}", lease_ttl, heartbeat),
+                         name=f"capsfus-worker-{i}") for i in range(workers)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+    bad = [p for p in procs if p.exitcode != 0]
+    if bad:
+        log.error("%d worker(s) exited abnormally: %s", len(bad),
+                  ", ".join(f"{p.name}={p.exitcode}" for p in bad))
+    summaries = []
+    logs = StageDir(Run(Path(prep.job.run_dir)), prep.job.stage).root / "logs"
+    for i in range(workers):
+        f = logs / f"worker-{tag}-{i}.json"
+        if f.exists():
+            summaries.append(json.loads(f.read_text()))
+    return summaries

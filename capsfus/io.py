@@ -1,0 +1,216 @@
+"""Atomic files, checksums and the JSON-lines + zstd format every stage reads and writes.
+
+Every file capsfus trusts is written as: temp file in the same folder -> fsync -> rename ->
+fsync of the folder. A reader therefore sees either the old file or the whole new one, never a
+half-written one; a crash leaves at most a ``.tmp-*`` file that nothing lists or trusts.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import decimal
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import zstandard
+
+ZSTD_LEVEL = 3
+
+
+def _json_default(value: Any) -> Any:
+    """Make the odd types parquet and datasets hand us JSON-safe, losslessly where we can."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"__bytes_b64__": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
+        return value.isoformat()
+    if isinstance(value, _dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return value.item()
+    if hasattr(value, "tolist") and callable(value.tolist):  # numpy arrays
+        return value.tolist()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def dumps(obj: Any) -> str:
+    """One compact JSON line. Non-ASCII stays readable; NaN is refused (not valid JSON)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=_json_default,
+                      allow_nan=False)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    text = json.dumps(obj, ensure_ascii=False, indent=1, sort_keys=False, default=_json_default)
+    atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, "rb") as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def _unlink_quietly(path: str | os.PathLike) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _HashingFile(io.RawIOBase):
+    """A write-only file wrapper that hashes and counts every byte that passes through."""
+
+    def __init__(self, f):
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.nbytes = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.nbytes += len(b)
+        return self._f.write(b)
+
+
+class JsonlZstWriter:
+    """Writes JSON lines through zstd into a temp file; ``commit()`` fsyncs and renames it.
+
+    The sha256 and byte size of the compressed file are computed while writing, so a chunk's
+    checksum costs no second read. Nothing is visible under the final name before ``commit``.
+    """
+
+    def __init__(self, path: str | os.PathLike, level: int = ZSTD_LEVEL):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".tmp-{self.path.name}.", dir=self.path.parent)
+        self._raw = os.fdopen(fd, "wb")
+        self._hashing = _HashingFile(self._raw)
+        self._zw = zstandard.ZstdCompressor(level=level).stream_writer(self._hashing, closefd=False)
+        self.rows = 0
+        self.sha256: str | None = None
+        self.nbytes = 0
+        self._done = False
+
+    def write(self, row: dict) -> None:
+        self._zw.write((dumps(row) + "\n").encode("utf-8"))
+        self.rows += 1
+
+    def write_many(self, rows: Iterable[dict]) -> None:
+        for row in rows:
+            self.write(row)
+
+    def commit(self) -> dict:
+        """Finish, fsync, rename into place; returns ``{file, rows, sha256, bytes}``."""
+        self._zw.flush(zstandard.FLUSH_FRAME)
+        self._zw.close()
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
+        os.replace(self._tmp, self.path)
+        _fsync_dir(self.path.parent)
+        self._done = True
+        self.sha256 = self._hashing.sha.hexdigest()
+        self.nbytes = self._hashing.nbytes
+        return {"file": self.path.name, "rows": self.rows, "sha256": self.sha256,
+                "bytes": self.nbytes}
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._zw.close()
+        except Exception:
+            pass
+        try:
+            self._raw.close()
+        except Exception:
+            pass
+        _unlink_quietly(self._tmp)
+
+    def __enter__(self) -> "JsonlZstWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._done:
+            self.commit()
+
+
+class CorruptFile(Exception):
+    """A file that capsfus wrote does not read back as it should (checksum, zstd, JSON)."""
+
+
+def iter_jsonl_zst(path: str | os.PathLike, expect_sha256: str | None = None) -> Iterator[dict]:
+    """Yields the rows of a ``.jsonl.zst`` file. With ``expect_sha256`` the whole file is
+    verified *before* the first row is yielded, so a corrupt file never leaks rows."""
+    path = Path(path)
+    if expect_sha256 is not None:
+        actual = sha256_file(path)
+        if actual != expect_sha256:
+            raise CorruptFile(f"{path}: checksum mismatch (expected {expect_sha256[:12]}…, "
+                              f"found {actual[:12]}…)")
+    try:
+        with open(path, "rb") as f:
+            reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+            text = io.TextIOWrapper(reader, encoding="utf-8", newline="\n")
+            for line in text:
+                if line.strip():
+                    yield json.loads(line)
+    except (zstandard.ZstdError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFile(f"{path}: {type(e).__name__}: {e}") from e
+
+
+def verify_file(path: str | os.PathLike, sha256: str) -> bool:
+    try:
+        return sha256_file(path) == sha256
+    except OSError:
+        return False

@@ -1,0 +1,234 @@
+"""Shard leases with epochs, heartbeats and fencing, as plain files.
+
+``<stage>/leases/00000.e000003.json`` is epoch 3 of shard 0's lease. Taking a lease means
+creating the next epoch's file with O_CREAT|O_EXCL: of two workers racing for the same epoch,
+exactly one wins. The holder of the highest epoch owns the shard. A holder rewrites its file
+(atomic rename) every ``heartbeat`` seconds; a lease whose heartbeat is older than ``ttl``,
+whose process is gone (same host), or whose SLURM job is gone is stale and can be taken over.
+
+Fencing: every file a holder writes carries its epoch, and before it trusts anything (updates
+the shard state) it checks that no higher epoch exists. A worker that wakes after losing its
+lease finds epoch+1 and stops; its files are never listed, so never trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .io import atomic_write_json
+
+LEASE_RE = re.compile(r"^(\d{5,})\.e(\d{6,})\.json$")
+DEFAULT_TTL = 300.0
+DEFAULT_HEARTBEAT = 30.0
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """Start time of a process (clock ticks since boot), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def pid_alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if start is not None:
+        now = _proc_start_time(pid)
+        if now is not None and now != start:
+            return False
+        # a zombie still answers kill(0) but will never heartbeat again
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return False
+        except OSError:
+            pass
+    return True
+
+
+def owner_info() -> dict:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "pid_start": _proc_start_time(pid),
+            "job_id": os.environ.get("SLURM_JOB_ID") and _slurm_job_id(),
+            "worker": os.environ.get("CAPSFUS_WORKER_ID")}
+
+
+def _slurm_job_id() -> str:
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get(
+        "SLURM_ARRAY_TASK_ID")
+    if array_job and array_task:
+        return f"{array_job}_{array_task}"
+    return os.environ["SLURM_JOB_ID"]
+
+
+@dataclass
+class LeaseInfo:
+    shard: int
+    epoch: int
+    path: Path
+    data: dict | None   # None while the file is being created (or its creator died then)
+    mtime: float
+
+    @property
+    def released(self) -> bool:
+        return bool(self.data and self.data.get("released"))
+
+    @property
+    def heartbeat(self) -> float:
+        return float(self.data.get("heartbeat", self.mtime)) if self.data else self.mtime
+
+
+class LeaseDir:
+    """All leases of one stage. ``job_alive`` answers for SLURM job ids (None: unknown)."""
+
+    def __init__(self, folder: Path, ttl: float = DEFAULT_TTL,
+                 job_alive: Callable[[str], bool | None] | None = None):
+        self.folder = Path(folder)
+        self.ttl = ttl
+        self.job_alive = job_alive
+
+    def path(self, shard: int, epoch: int) -> Path:
+        return self.folder / f"{shard:05d}.e{epoch:06d}.json"
+
+    def scan(self) -> dict[int, LeaseInfo]:
+        """The current (highest-epoch) lease of every shard that has one: one listdir."""
+        best: dict[int, tuple[int, str]] = {}
+        try:
+            names = os.listdir(self.folder)
+        except FileNotFoundError:
+            return {}
+        for name in names:
+            m = LEASE_RE.match(name)
+            if m:
+                shard, epoch = int(m.group(1)), int(m.group(2))
+                if shard not in best or epoch > best[shard][0]:
+                    best[shard] = (epoch, name)
+        return {shard: self._read(shard, epoch) for shard, (epoch, _) in best.items()}
+
+    def current(self, shard: int) -> LeaseInfo | None:
+        epochs = []
+        prefix = f"{shard:05d}.e"
+        try:
+            for name in os.listdir(self.folder):
+                if name.startswith(prefix):
+                    m = LEASE_RE.match(name)
+                    if m:
+                        epochs.append(int(m.group(2)))
+        except FileNotFoundError:
+            return None
+        return self._read(shard, max(epochs)) if epochs else None
+
+    def _read(self, shard: int, epoch: int) -> LeaseInfo | None:
+        path = self.path(shard, epoch)
+        try:
+            mtime = path.stat().st_mtime
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            data = json.loads(text) if text.strip() else None
+        except ValueError:
+            data = None
+        return LeaseInfo(shard, epoch, path, data, mtime)
+
+    def is_live(self, info: LeaseInfo, now: float | None = None) -> bool:
+        """True while the holder may still be working on the shard."""
+        now = time.time() if now is None else now
+        if info.released:
+            return False
+        if now - info.heartbeat > self.ttl:
+            return False
+        d = info.data
+        if d is None:
+            return True  # being created right now
+        job = d.get("job_id")
+        if job and self.job_alive is not None:
+            alive = self.job_alive(job)
+            if alive is False:
+                return False
+        if d.get("host") == socket.gethostname():
+            return pid_alive(int(d["pid"]), d.get("pid_start"))
+        return True
+
+    def acquire(self, shard: int, extra: dict | None = None) -> "Lease | None":
+        """Takes the shard's lease if it is free, released or stale; None if someone holds it
+        or wins the race for the same epoch."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        cur = self.current(shard)
+        if cur is not None and self.is_live(cur):
+            return None
+        epoch = (cur.epoch if cur else 0) + 1
+        path = self.path(shard, epoch)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return None
+        now = time.time()
+        data = {"shard": shard, "epoch": epoch, **owner_info(), "acquired": now,
+                "heartbeat": now, "taken_over": None if cur is None or cur.released else
+                {"epoch": cur.epoch, "holder": cur.data}, **(extra or {})}
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        for old in range(max(1, epoch - 8), epoch - 1):  # keep the previous epoch for status
+            try:
+                self.path(shard, old).unlink()
+            except FileNotFoundError:
+                pass
+        return Lease(self, shard, epoch, data)
+
+
+@dataclass
+class Lease:
+    leases: LeaseDir
+    shard: int
+    epoch: int
+    data: dict
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.leases.path(self.shard, self.epoch)
+
+    def still_mine(self) -> bool:
+        """Fencing: False once any worker has taken a later epoch of this shard."""
+        return not self.leases.path(self.shard, self.epoch + 1).exists()
+
+    def beat(self, **fields) -> None:
+        self.data.update(fields, heartbeat=time.time())
+        if self.still_mine():
+            atomic_write_json(self.path, self.data)
+
+    def start_heartbeat(self, every: float = DEFAULT_HEARTBEAT) -> None:
+        def loop():
+            while not self._stop.wait(every):
+                try:
+                    self.beat()
+                except OSError:
+                    pass
+        self._thread = threading.Thread(target=loop, name=f"lease-{self.shard}", daemon=True)
+        self._thread.start()
+
+    def release(self, **fields) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.still_mine():
+            self.data.update(fields, released=True, heartbeat=time.time())
+            atomic_write_json(self.path, self.data)

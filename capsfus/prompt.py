@@ -1,0 +1,130 @@
+"""The fusion prompt (the paper's, appendix Sec. 7), kept in exactly this one place, and the
+prompt budget rule.
+
+Plain rendering matches the released CapsFus-LLaMA inference: the instruction lines joined
+with spaces, a blank line, ``Sentence 1: …``, ``Sentence 2: …`` and ``New Sentence:`` each on
+its own line. Chat rendering puts the same text, less the ``New Sentence:`` cue, in one user
+message through the model's chat template.
+
+Captions are untrusted text. Their whitespace (newlines included) is collapsed to single
+spaces, so alt-text cannot start a line of its own (a fake ``New Sentence:``); whatever it says
+("Ignore the above…") stays inside ``Sentence 1``.
+
+Budget: when a prompt is over ``max_prompt_tokens`` only the raw caption is cut, at a token
+boundary, and never to nothing; a row whose other parts alone are over budget is rejected
+(``prompt_over_budget``). (The released script deletes the raw caption entirely when the
+prompt is exactly 256 tokens long, an off-by-one we do not copy.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable
+
+INSTRUCTION_LINES = (
+    "Please merge and refine the information from the two given sentences.",
+    "Sentence 1 provides detailed real-world knowledge, yet it suffers from flaws in sentence "
+    "structure and grammar.",
+    "Sentence 2 exhibits nice sentence structure, but lacking in-depth real-world details and "
+    "may contain false information.",
+    "Please combine them into a new sentence, ensuring a well-structured sentence while "
+    "retaining the detailed real-world information provided in Sentence 1.",
+    "Avoid simply concatenating the sentences.",
+)
+RAW_SLOT, SYNTHETIC_SLOT = "{raw}", "{synthetic}"
+DEFAULT_BODY = " ".join(INSTRUCTION_LINES) + "\n\nSentence 1: {raw}\nSentence 2: {synthetic}"
+DEFAULT_CUE = "\nNew Sentence:"
+
+
+def clean_caption(text: str) -> str:
+    return " ".join(text.split())
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """``body`` holds ``{raw}`` and ``{synthetic}``; ``cue`` ends plain prompts only."""
+
+    body: str = DEFAULT_BODY
+    cue: str = DEFAULT_CUE
+    source: str = "paper"
+
+    @classmethod
+    def from_file(cls, path: str) -> "PromptTemplate":
+        from .errors import UserError
+        try:
+            text = open(path, encoding="utf-8").read()
+        except OSError as e:
+            raise UserError(f"--prompt-file {path}: {e.strerror}") from None
+        if RAW_SLOT not in text or SYNTHETIC_SLOT not in text:
+            raise UserError(f"--prompt-file {path}: must contain {RAW_SLOT} and {SYNTHETIC_SLOT}")
+        return cls(body=text.rstrip("\n"), cue="", source=path)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256((self.body + "\x00" + self.cue).encode("utf-8")).hexdigest()
+
+    def render_text(self, raw: str, synthetic: str) -> str:
+        """Fills the two slots in one pass, so a caption that itself contains "{synthetic}"
+        is never expanded."""
+        first, second = sorted([(self.body.index(RAW_SLOT), RAW_SLOT, raw),
+                                (self.body.index(SYNTHETIC_SLOT), SYNTHETIC_SLOT, synthetic)])
+        head, rest = self.body.split(first[1], 1)
+        mid, tail = rest.split(second[1], 1)
+        return head + first[2] + mid + second[2] + tail
+
+
+@dataclass
+class BuiltPrompt:
+    text: str | None
+    n_tokens: int = 0
+    raw_cut: bool = False
+    reject: str | None = None   # reason code when no prompt fits
+    detail: str = ""
+
+
+class PromptBuilder:
+    """Renders prompts for one engine and applies the budget rule.
+
+    ``count_tokens(text)`` counts a full prompt as the engine will feed it; ``truncate(text,
+    n)`` keeps the first n tokens of a caption; ``chat(user_text)`` renders through the chat
+    template (None for plain prompts).
+    """
+
+    def __init__(self, template: PromptTemplate, count_tokens: Callable[[str], int],
+                 truncate: Callable[[str, int], str], caption_tokens: Callable[[str], int],
+                 max_prompt_tokens: int, chat: Callable[[str], str] | None = None):
+        self.template = template
+        self.count_tokens = count_tokens
+        self.truncate = truncate
+        self.caption_tokens = caption_tokens
+        self.max_prompt_tokens = max_prompt_tokens
+        self.chat = chat
+
+    def render(self, raw: str, synthetic: str) -> str:
+        user = self.template.render_text(raw, synthetic)
+        if self.chat is not None:
+            return self.chat(user)
+        return user + self.template.cue
+
+    def build(self, raw: str, synthetic: str) -> BuiltPrompt:
+        raw, synthetic = clean_caption(raw), clean_caption(synthetic)
+        budget = self.max_prompt_tokens
+        text = self.render(raw, synthetic)
+        n = self.count_tokens(text)
+        if n <= budget:
+            return BuiltPrompt(text, n)
+        keep = self.caption_tokens(raw) - (n - budget)
+        while keep >= 1:
+            cut = self.truncate(raw, keep).strip()
+            if not cut:
+                keep -= 1
+                continue
+            text = self.render(cut, synthetic)
+            n = self.count_tokens(text)
+            if n <= budget:
+                return BuiltPrompt(text, n, raw_cut=True)
+            keep = min(keep - 1, self.caption_tokens(cut) - (n - budget))
+        return BuiltPrompt(None, reject="prompt_over_budget",
+                           detail=f"the prompt without the raw caption is over the budget of "
+                                  f"{budget} tokens")

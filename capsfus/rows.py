@@ -1,0 +1,187 @@
+"""Row names, source layouts and the ingest checks that accept, flag or reject one row.
+
+Inside capsfus every row is ``{id, raw, synthetic, url, ...source columns passed through}``.
+Sources are mapped to these names at ingest (``ColumnMapping``) and mapped back at export.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# The internal names (DESIGN.md "Rows").
+ID, RAW, SYNTHETIC, FUSED, URL = "id", "raw", "synthetic", "fused", "url"
+
+MAX_CAPTION_CHARS = 4000
+
+# Reason codes for rows refused at ingest. Each one is counted in the manifest.
+REJECT_REASONS = {
+    "unparseable": "the line or record could not be parsed as a JSON object",
+    "raw_missing": "the raw caption column is absent from this row",
+    "raw_null": "the raw caption is null",
+    "raw_not_string": "the raw caption is not a string",
+    "raw_empty": "the raw caption is empty after stripping whitespace",
+    "synthetic_not_string": "the synthetic caption is neither null nor a string",
+    "invalid_utf8": "a caption is not valid UTF-8 (or holds lone surrogates)",
+    "control_chars": "a caption holds control characters other than ordinary whitespace",
+    "too_long": f"a caption is longer than {MAX_CAPTION_CHARS} characters",
+    "id_missing": "the id column is absent, null or empty in this row",
+    "duplicate_id": "an earlier row has the same id (the first one wins)",
+}
+
+# Flags for rows that are accepted but need a later stage (counted, not rejected).
+FLAG_NO_SYNTHETIC = "no_synthetic"
+
+
+@dataclass(frozen=True)
+class ColumnMapping:
+    """Which source column feeds each internal name. ``id`` None means ``<file>:<row>``."""
+
+    raw: str
+    synthetic: str | None
+    url: str | None
+    id: str | None = None
+    layout: str = "custom"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def source_columns(self) -> set[str]:
+        return {c for c in (self.raw, self.synthetic, self.url, self.id) if c}
+
+
+# The layouts known by default: detected from the columns of the first source.
+LAYOUTS: dict[str, dict[str, str | None]] = {
+    "laion-coco": {"raw": "TEXT", "synthetic": "top_caption", "url": "URL"},
+    "capsfusion120m": {"raw": "laion_2b", "synthetic": "laion_coco", "url": "image_url"},
+    # The CapsFusion example release (the 10k sample): no URL column.
+    "capsfusion-example": {"raw": "laion_2b", "synthetic": "laion_coco", "url": None},
+    "capsfus": {"raw": "raw", "synthetic": "synthetic", "url": "url"},
+}
+
+
+def resolve_mapping(columns: set[str] | None, raw_col: str | None, synthetic_col: str | None,
+                    url_col: str | None, id_col: str | None) -> ColumnMapping:
+    """Explicit flags win; otherwise the first known layout whose raw column is present.
+
+    ``columns`` is the set of columns seen in the first rows of the first source (None when it
+    could not be read, which the caller reports separately).
+    """
+    from .errors import UserError
+
+    cols = columns or set()
+    layout_name = "custom"
+    base: dict[str, str | None] = {}
+    if raw_col is None:
+        for name, layout in LAYOUTS.items():
+            if layout["raw"] in cols and (layout["synthetic"] in cols or name == "capsfus"):
+                if layout["url"] is not None and layout["url"] not in cols:
+                    continue
+                layout_name, base = name, dict(layout)
+                break
+        else:
+            for name, layout in LAYOUTS.items():  # raw present but not the rest: still usable
+                if layout["raw"] in cols:
+                    layout_name, base = name, dict(layout)
+                    break
+        if not base:
+            known = ", ".join(f"{n} ({l['raw']}/{l['synthetic']})" for n, l in LAYOUTS.items())
+            raise UserError(
+                f"cannot tell which column holds the raw caption (columns: "
+                f"{', '.join(sorted(cols)) or 'none'}); known layouts: {known}. "
+                f"Pass --raw-col and --synthetic-col.")
+    raw = raw_col or base["raw"]
+    synthetic = synthetic_col if synthetic_col is not None else base.get("synthetic")
+    url = url_col if url_col is not None else base.get("url")
+    if url is not None and cols and url not in cols:
+        url = None
+    if synthetic is not None and cols and synthetic not in cols and synthetic_col is None:
+        synthetic = None
+    if raw_col or synthetic_col or url_col:
+        layout_name = "custom" if not base else layout_name
+    return ColumnMapping(raw=raw, synthetic=synthetic, url=url, id=id_col, layout=layout_name)
+
+
+def _has_bad_controls(text: str) -> bool:
+    for ch in text:
+        if ch in "\t\n\r ":
+            continue
+        if unicodedata.category(ch) == "Cc":
+            return True
+    return False
+
+
+def _is_valid_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from JSON "\ud800" escapes
+        return False
+    return True
+
+
+def check_caption(value: str) -> str | None:
+    """The reason a present string caption is refused, or None."""
+    if not _is_valid_utf8(value):
+        return "invalid_utf8"
+    if len(value) > MAX_CAPTION_CHARS:
+        return "too_long"
+    if _has_bad_controls(value):
+        return "control_chars"
+    return None
+
+
+@dataclass
+class Checked:
+    row: dict | None          # the internal row when accepted
+    reason: str | None        # reject reason code when refused
+    detail: str = ""
+    flags: tuple[str, ...] = ()
+
+
+def check_record(record: Any, mapping: ColumnMapping, default_id: str) -> Checked:
+    """Maps one source record to an internal row, or says why it is refused."""
+    if not isinstance(record, dict):
+        return Checked(None, "unparseable", f"expected an object, got {type(record).__name__}")
+    if mapping.id:
+        rid = record.get(mapping.id)
+        if rid is None or (isinstance(rid, str) and not rid.strip()):
+            return Checked(None, "id_missing", f"column {mapping.id!r}")
+        rid = str(rid)
+        if not _is_valid_utf8(rid):
+            return Checked(None, "invalid_utf8", "in the id")
+    else:
+        rid = default_id
+    if mapping.raw not in record:
+        return Checked(None, "raw_missing", f"column {mapping.raw!r}")
+    raw = record[mapping.raw]
+    if raw is None:
+        return Checked(None, "raw_null")
+    if not isinstance(raw, str):
+        return Checked(None, "raw_not_string", type(raw).__name__)
+    reason = check_caption(raw)
+    if reason:
+        return Checked(None, reason, "raw caption")
+    if not raw.strip():
+        return Checked(None, "raw_empty")
+    synthetic = record.get(mapping.synthetic) if mapping.synthetic else None
+    flags: tuple[str, ...] = ()
+    if synthetic is not None and not isinstance(synthetic, str):
+        return Checked(None, "synthetic_not_string", type(synthetic).__name__)
+    if isinstance(synthetic, str):
+        reason = check_caption(synthetic)
+        if reason:
+            return Checked(None, reason, "synthetic caption")
+        synthetic = synthetic.strip() or None
+    if synthetic is None:
+        flags = (FLAG_NO_SYNTHETIC,)
+    url = record.get(mapping.url) if mapping.url else None
+    row = {ID: rid, RAW: raw.strip(), SYNTHETIC: synthetic,
+           URL: url if url is None or isinstance(url, str) else str(url)}
+    used = mapping.source_columns()
+    for key, value in record.items():
+        if key in used:
+            continue
+        # a source column that clashes with an internal name is kept under another name
+        row[key if key not in row else f"source_{key}"] = value
+    return Checked(row, None, "", flags)

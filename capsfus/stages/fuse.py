@@ -1,0 +1,124 @@
+"""The fusion stage: raw + synthetic caption -> fused caption, one engine call per chunk.
+
+Rows come from the ``caption`` stage when the run has one, else from ``input``. A row is
+rejected (with its reason, in ``fuse/rejected/``) when it still has no synthetic caption
+(``no_synthetic``), when its prompt cannot fit the budget (``prompt_over_budget``), or when
+generation keeps failing on it alone (``generation_error``, found by bisecting the batch).
+Output rows add ``fused``, ``fused_hit_max_tokens`` and ``raw_truncated``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from ..engines import Engine, EngineSpec, GenerationError
+from ..prompt import BuiltPrompt, PromptBuilder, PromptTemplate
+from ..rows import FUSED, RAW, SYNTHETIC
+
+log = logging.getLogger("capsfus.fuse")
+
+FUSE_REJECT_REASONS = {
+    "no_synthetic": "the row has no synthetic caption (run `capsfus caption` first)",
+    "prompt_over_budget": "the prompt does not fit the token budget even with the raw caption "
+                          "cut to one token",
+    "generation_error": "generation failed on this row alone, every attempt",
+}
+
+
+def make_builder(engine: Engine, template: PromptTemplate) -> PromptBuilder:
+    return PromptBuilder(template, engine.count_tokens, engine.truncate, engine.caption_tokens,
+                         engine.max_prompt_tokens, chat=engine.chat)
+
+
+@dataclass
+class FusePrepared:
+    items: list[tuple[dict, BuiltPrompt]]
+    rejects: list[dict]
+
+
+class FuseProcessor:
+    def __init__(self, engine: Engine, template: PromptTemplate, max_attempts: int = 3):
+        self.engine = engine
+        self.builder = make_builder(engine, template)
+        self.max_attempts = max_attempts
+
+    def prepare(self, rows: list[dict]) -> FusePrepared:
+        items, rejects = [], []
+        for row in rows:
+            if not row.get(SYNTHETIC):
+                rejects.append({**row, "reason": "no_synthetic", "detail": ""})
+                continue
+            built = self.builder.build(row[RAW], row[SYNTHETIC])
+            if built.reject:
+                rejects.append({**row, "reason": built.reject, "detail": built.detail})
+                continue
+            items.append((row, built))
+        return FusePrepared(items, rejects)
+
+    def process(self, prepared: FusePrepared) -> tuple[list[dict], list[dict]]:
+        results = self._generate_robust([b.text for _, b in prepared.items])
+        out, rejected = [], list(prepared.rejects)
+        for (row, built), res in zip(prepared.items, results):
+            if isinstance(res, Exception):
+                rejected.append({**row, "reason": "generation_error", "detail": str(res)[:500]})
+                continue
+            out.append({**row, FUSED: res.text, "fused_hit_max_tokens": res.hit_max_tokens,
+                        "raw_truncated": built.raw_cut})
+        return out, rejected
+
+    def _generate_robust(self, prompts: list[str]) -> list:
+        """Generates all prompts; a failing batch is split in halves until the failing rows
+        are alone, and a row that fails ``max_attempts`` times alone gets its exception."""
+        results: list = [None] * len(prompts)
+
+        def solve(idx: list[int]) -> None:
+            if not idx:
+                return
+            try:
+                gens = self.engine.generate([prompts[i] for i in idx])
+            except GenerationError as e:
+                if len(idx) == 1:
+                    for attempt in range(2, self.max_attempts + 1):
+                        try:
+                            results[idx[0]] = self.engine.generate([prompts[idx[0]]])[0]
+                            return
+                        except GenerationError as again:
+                            e = again
+                    log.warning("row rejected after %d attempts: %s", self.max_attempts, e)
+                    results[idx[0]] = e
+                    return
+                log.warning("batch of %d failed (%s): bisecting", len(idx), e)
+                mid = len(idx) // 2
+                solve(idx[:mid])
+                solve(idx[mid:])
+                return
+            for i, g in zip(idx, gens):
+                results[i] = g
+
+        solve(list(range(len(prompts))))
+        return results
+
+
+@dataclass
+class FuseJob:
+    """Everything a worker needs to run the fuse stage: plain data, picklable, no secrets."""
+
+    run_dir: str
+    stage: str                      # "fuse" or "fuse@TAG"
+    spec: EngineSpec
+    template: PromptTemplate = field(default_factory=PromptTemplate)
+    chunk_size: int = 1000
+    max_attempts: int = 3
+
+    def settings(self, revision: str | None) -> dict:
+        """The output-shaping settings (hashed; a change needs --force)."""
+        s = self.spec
+        return {"engine": s.engine, "model": s.model if s.engine != "echo" else "echo",
+                "revision": revision, "gguf_file": s.gguf_file,
+                "decoding": s.decoding.to_dict(), "max_prompt_tokens": s.max_prompt_tokens,
+                "chat_template": s.chat_template, "dtype": s.dtype,
+                "prompt_sha256": self.template.sha256, "prompt_source": self.template.source}
+
+    def make_processor(self, engine: Engine) -> FuseProcessor:
+        return FuseProcessor(engine, self.template, self.max_attempts)
