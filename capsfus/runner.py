@@ -117,6 +117,7 @@ def _run_leased(ctx: StageContext, shard: int, lease: Lease) -> ShardResult:
     stage, h = ctx.stage, ctx.settings_hash
     old = stage.read_state(shard) or {}
     if stage.final_is_trusted(old, h):
+        stage.remove_untrusted(shard, stage.final_files(old))  # leftovers of a crash
         return ShardResult(shard, "already_done", old.get("rows_out", 0))
     if old.get("status") == "done":
         log.warning("shard %d: final output missing or corrupted: redoing the shard", shard)
@@ -150,7 +151,10 @@ def _run_leased(ctx: StageContext, shard: int, lease: Lease) -> ShardResult:
     stop = threading.Event()
     errors: list[BaseException] = []
     in_q: queue.Queue = queue.Queue(maxsize=2)
-    out_q: queue.Queue = queue.Queue(maxsize=2)
+    out_q: queue.Queue = queue.Queue()
+    # One chunk may be committing while the next is generated, never more: a kill loses at
+    # most those two chunks of generation work.
+    commit_slot = threading.Semaphore(1)
 
     def reader():
         try:
@@ -179,6 +183,7 @@ def _run_leased(ctx: StageContext, shard: int, lease: Lease) -> ShardResult:
                 if item is None:
                     return
                 _commit_chunk(ctx, lease, shard, state, *item, t_start=t_start)
+                commit_slot.release()
         except BaseException as e:
             errors.append(e)
             stop.set()
@@ -201,9 +206,13 @@ def _run_leased(ctx: StageContext, shard: int, lease: Lease) -> ShardResult:
             if len(out_rows) + len(rej_rows) != n:
                 raise RuntimeError(f"shard {shard} rows {start}-{end}: the stage returned "
                                    f"{len(out_rows)} + {len(rej_rows)} rows for {n}")
-            if not _put(out_q, (start, end, out_rows, rej_rows), stop):
+            while not commit_slot.acquire(timeout=0.2):
+                if stop.is_set():
+                    break
+            if stop.is_set():
                 break
-        _put(out_q, None, stop)
+            out_q.put((start, end, out_rows, rej_rows))
+        out_q.put(None)
         threads[1].join()
         stop.set()
         threads[0].join(timeout=10)

@@ -158,6 +158,18 @@ class StageDir:
             not f.get("rejected") or verify_file(self.rejected_dir(shard) / f["rejected"]["file"],
                                                  f["rejected"]["sha256"]))
 
+    def final_files(self, state: dict) -> set[str]:
+        f = state.get("final") or {}
+        return {x["file"] for x in (f.get("out"), f.get("rejected")) if x}
+
+    def has_leftovers(self, shard: int, state: dict) -> bool:
+        """True when a done shard's folders hold files its state does not list."""
+        keep = self.final_files(state)
+        for folder in (self.out_dir(shard), self.rejected_dir(shard)):
+            if folder.exists() and any(n not in keep for n in os.listdir(folder)):
+                return True
+        return False
+
     def remove_untrusted(self, shard: int, keep: set[str]) -> None:
         """Deletes files of a shard that its state does not list (crash leftovers, a stale
         worker's chunks). Called only by the current lease holder."""

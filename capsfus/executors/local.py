@@ -111,7 +111,8 @@ def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
     order = _rotate(prep.shards, worker_id)
     for shard in order:
         st = stage.read_state(shard)
-        if st and st.get("status") == "done" and stage.final_is_trusted(st, prep.settings_hash):
+        if st and st.get("status") == "done" and stage.final_is_trusted(
+                st, prep.settings_hash) and not stage.has_leftovers(shard, st):
             continue
         res = run_shard(ctx, shard)
         summary["shards"][str(shard)] = res.status
