@@ -191,8 +191,9 @@ class _StageProgress:
                         description=f"{self.stage}: {s['counts']['done']}/{s['shards']} shards")
             except Exception:
                 pass
-            if self._stop.wait(1.0):
+            if self._stop.is_set():
                 return
+            self._stop.wait(1.0)
 
     def __enter__(self):
         self.progress.start()
@@ -202,7 +203,7 @@ class _StageProgress:
         return self
 
     def __exit__(self, *exc):
-        self._stop.set()
+        self._stop.set()  # the poller makes one last update before it returns
         self._thread.join(timeout=5)
         self.progress.stop()
 
@@ -246,7 +247,7 @@ def fuse(run_dir, shards, chunk_size, workers, tag, force, max_attempts, lease_t
         raise UserError("--chunk-size and --workers must be at least 1")
     console = _console()
     _setup_console_logging(console)
-    run = Run(Path(run_dir))
+    run = Run(Path(run_dir).resolve())  # workers and logs get absolute paths
     manifest = run.manifest()
     name = stage_name("fuse", tag)
     template = PromptTemplate.from_file(kw["prompt_file"]) if kw.get("prompt_file") \
@@ -317,13 +318,16 @@ def status(run_dir, stage_opt, as_json):
         if not s.get("exists"):
             console.print(f"{s['stage']}: not started")
             continue
-        t = Table(title=f"stage {s['stage']}", title_justify="left")
-        for col in ("shards", *s["counts"].keys(), "rows done", "out", "rejected", "rows/s",
-                    "ETA", "in generation"):
-            t.add_column(col, justify="right")
-        r = s["rows"]
-        t.add_row(str(s["shards"]), *(str(v) for v in s["counts"].values()),
-                  f"{r['done']:,}/{r['total']:,}", f"{r['out']:,}", f"{r['rejected']:,}",
+        r, n = s["rows"], s["counts"]
+        t = Table(title=f"stage {s['stage']} ({s['shards']} shards)", title_justify="left")
+        t.add_column("shards", justify="left")
+        t.add_column("rows done", justify="right")
+        t.add_column("out / rejected", justify="right")
+        t.add_column("rows/s", justify="right")
+        t.add_column("ETA", justify="right")
+        t.add_column("in gen.", justify="right")
+        t.add_row(" ".join(f"{k} {v}" for k, v in n.items() if v) or "-",
+                  f"{r['done']:,}/{r['total']:,}", f"{r['out']:,} / {r['rejected']:,}",
                   f"{s['throughput_rows_per_s']:.2f}" if s["throughput_rows_per_s"] else "-",
                   format_seconds(s["eta_s"]),
                   f"{s['generation_share']:.1%}" if s["generation_share"] else "-")
