@@ -146,10 +146,40 @@ def _engine_options(f):
     return f
 
 
+def _load_preset(ctx, param, value):
+    """``--preset FILE``: YAML of option names -> values, used as defaults; flags given on the
+    command line still win. Eager, so it is read before the other options."""
+    if not value:
+        return value
+    import yaml
+    try:
+        data = yaml.safe_load(open(value, encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise click.BadParameter(f"cannot read preset {value}: {e}") from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{value}: a preset is a mapping of option names to values")
+    known = {p.name for p in ctx.command.params}
+    options = {k.replace("-", "_"): v for k, v in data.items() if k != "description"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise click.BadParameter(f"{value}: unknown option(s) {', '.join(unknown)} for "
+                                 f"`capsfus {ctx.command.name}`")
+    ctx.default_map = {**(ctx.default_map or {}), **options}
+    return value
+
+
+preset_option = click.option(
+    "--preset", type=click.Path(exists=True, dir_okay=False), is_eager=True,
+    expose_value=False, callback=_load_preset,
+    help="YAML file of option defaults, e.g. jobs/fuse-capsfus-llama-13b.yaml.")
+
+
 def _spec_from(kw: dict):
     from .engines import Decoding, EngineSpec
     if kw["engine"] == "echo" and kw.get("model") not in (None, "echo"):
         raise UserError("--engine echo takes no --model")
+    if kw["engine"] != "echo" and not kw.get("model"):
+        raise UserError(f"--engine {kw['engine']} needs --model (a Hub id or a local folder)")
     dec = Decoding(max_new_tokens=kw["max_new_tokens"], num_beams=kw["num_beams"],
                    do_sample=kw["do_sample"], temperature=kw["temperature"], top_p=kw["top_p"],
                    top_k=kw["top_k"], seed=kw["seed"])
@@ -218,6 +248,7 @@ def _setup_console_logging(console) -> None:
 
 @main.command(context_settings=CONTEXT)
 @click.argument("run_dir", type=click.Path())
+@preset_option
 @_engine_options
 @click.option("--shards", help="Shards to run, e.g. 0-9,12 (default: all).")
 @click.option("--chunk-size", default=1000, show_default=True,
