@@ -18,10 +18,13 @@ class IdDeduper:
     def __init__(self, workdir: Path, partitions: int, rows_per_shard: int):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.partitions = partitions
+        # all partition files stay open in phase 1: never more than the process may open
+        self.partitions = partitions = open_file_budget(partitions)
         self.rows_per_shard = rows_per_shard
+        # write buffers of all partitions together stay under 64 MiB
+        buffering = max(1 << 12, min(1 << 16, (64 << 20) // partitions))
         self._files = [open(self.workdir / f"ids-{p:05d}.txt", "w", encoding="utf-8",
-                            buffering=1 << 16) for p in range(partitions)]
+                            buffering=buffering) for p in range(partitions)]
 
     def _partition(self, rid: str) -> int:
         h = hashlib.blake2b(rid.encode("utf-8"), digest_size=8).digest()
@@ -68,3 +71,26 @@ class IdDeduper:
 def partitions_for(total_input_bytes: int) -> int:
     """About 32 MB of input per partition, between 8 and 4096 partitions."""
     return max(8, min(4096, total_input_bytes // (32 << 20) + 1))
+
+
+def open_file_budget(wanted: int, reserve: int = 64) -> int:
+    """How many partition files may be open at once: ``wanted`` when the soft RLIMIT_NOFILE
+    allows it (raised towards the hard limit if needed), else fewer (then each partition holds
+    more ids). ``reserve`` leaves room for the sources, shard writers and Python's own files.
+    """
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    if soft < wanted + reserve:
+        target = wanted + reserve if hard == resource.RLIM_INFINITY else min(wanted + reserve,
+                                                                             hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return max(1, min(wanted, soft - reserve))

@@ -26,7 +26,7 @@ from .dedupe import IdDeduper, partitions_for
 from .errors import UserError
 from .io import JsonlZstWriter, iter_jsonl_zst, sha256_file
 from .manifest import Run
-from .rows import FLAG_NO_SYNTHETIC, SYNTHETIC, check_record, resolve_mapping
+from .rows import FLAG_NO_SYNTHETIC, SYNTHETIC, check_record, json_safe, resolve_mapping
 from .sources import BadRecord, discover
 
 DEFAULT_ROWS_PER_SHARD = 100_000
@@ -118,6 +118,7 @@ def shard(inputs: list[str], out: str | os.PathLike, rows_per_shard: int = DEFAU
     writer: JsonlZstWriter | None = None
     seq = 0
     records = 0
+    no_syn = 0  # rows without a synthetic caption in the open provisional shard
     stats = {"records": 0, "accepted": 0, "rejected": 0, "source": "", "sources_done": 0,
              "sources": len(sources)}
 
@@ -142,30 +143,33 @@ def shard(inputs: list[str], out: str | os.PathLike, rows_per_shard: int = DEFAU
                 checked = check_record(rec, mapping, default_id)
                 if checked.row is None:
                     counts[checked.reason] += 1
-                    rejected.write({"id": default_id, "reason": checked.reason,
+                    rejected.write({"id": checked.id, "reason": checked.reason,
                                     "detail": checked.detail, "source": src.name,
-                                    "row_number": row_number, "record": rec})
+                                    "row_number": row_number, "record": json_safe(rec)})
                     report()
                     continue
                 if writer is None or writer.rows >= rows_per_shard:
                     if writer is not None:
-                        provisional.append(writer.commit())
+                        provisional.append({**writer.commit(), FLAG_NO_SYNTHETIC: no_syn})
                     writer = JsonlZstWriter(work / f"{len(provisional):05d}.jsonl.zst")
+                    no_syn = 0
                 writer.write(checked.row)
+                no_syn += checked.row[SYNTHETIC] is None
                 deduper.add(checked.row["id"], seq)
                 seq += 1
                 report()
             stats["sources_done"] = src_i + 1
             report(force=True)
         if writer is not None:
-            provisional.append(writer.commit())
+            provisional.append({**writer.commit(), FLAG_NO_SYNTHETIC: no_syn})
             writer = None
 
         dup_counts = deduper.find_duplicates()
         shards = []
         for i, prov in enumerate(provisional):
             src_path = work / prov["file"]
-            dst = input_dir / "out" / f"{i:05d}.jsonl.zst"
+            index = len(shards)  # a provisional shard left empty by duplicates is dropped
+            dst = input_dir / "out" / f"{index:05d}.jsonl.zst"
             dups = deduper.duplicates_in(i) if dup_counts.get(i) else set()
             no_syn = 0
             if dups:
@@ -180,15 +184,18 @@ def shard(inputs: list[str], out: str | os.PathLike, rows_per_shard: int = DEFAU
                             continue
                         no_syn += row[SYNTHETIC] is None
                         w.write(row)
-                entry = {"rows": w.rows, "sha256": w.sha256, "bytes": w.nbytes}
+                    if w.rows == 0:
+                        w.abort()  # every row was a duplicate: no empty shard
                 src_path.unlink()
+                if w.rows == 0:
+                    continue
+                entry = {"rows": w.rows, "sha256": w.sha256, "bytes": w.nbytes}
             else:
-                for row in iter_jsonl_zst(src_path):
-                    no_syn += row[SYNTHETIC] is None
+                no_syn = prov[FLAG_NO_SYNTHETIC]
                 os.replace(src_path, dst)
                 entry = {"rows": prov["rows"], "sha256": prov["sha256"], "bytes": prov["bytes"]}
             flagged[FLAG_NO_SYNTHETIC] += no_syn
-            shards.append({"index": i, "file": f"input/out/{i:05d}.jsonl.zst", **entry,
+            shards.append({"index": index, "file": f"input/out/{index:05d}.jsonl.zst", **entry,
                            FLAG_NO_SYNTHETIC: no_syn})
         rejected_files = rejected.close()
     except BaseException:

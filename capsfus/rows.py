@@ -6,7 +6,8 @@ Sources are mapped to these names at ingest (``ColumnMapping``) and mapped back 
 
 from __future__ import annotations
 
-import unicodedata
+import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -103,13 +104,28 @@ def resolve_mapping(columns: set[str] | None, raw_col: str | None, synthetic_col
     return ColumnMapping(raw=raw, synthetic=synthetic, url=url, id=id_col, layout=layout_name)
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats (NaN, ±inf) replaced by None, at any depth.
+
+    Parquet and pandas write NaN for a missing number (LAION's ``punsafe``, ``similarity``) and
+    Python's json reads ``NaN`` from JSON lines, but capsfus files are strict JSON (io.dumps
+    refuses NaN): null is the faithful JSON for "no value".
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+# Unicode category Cc is exactly U+0000-U+001F and U+007F-U+009F; tab, LF and CR are allowed.
+_BAD_CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
 def _has_bad_controls(text: str) -> bool:
-    for ch in text:
-        if ch in "\t\n\r ":
-            continue
-        if unicodedata.category(ch) == "Cc":
-            return True
-    return False
+    return _BAD_CONTROLS.search(text) is not None
 
 
 def _is_valid_utf8(text: str) -> bool:
@@ -137,24 +153,38 @@ class Checked:
     reason: str | None        # reject reason code when refused
     detail: str = ""
     flags: tuple[str, ...] = ()
+    id: str | None = None     # the row's id when it could be read (also for refused rows)
 
 
 def check_record(record: Any, mapping: ColumnMapping, default_id: str) -> Checked:
-    """Maps one source record to an internal row, or says why it is refused."""
+    """Maps one source record to an internal row, or says why it is refused.
+
+    ``Checked.id`` is the row's id, refused rows included: the source's id when the mapping has
+    an id column and the row a usable value there, else ``default_id``.
+    """
     if not isinstance(record, dict):
-        return Checked(None, "unparseable", f"expected an object, got {type(record).__name__}")
+        return Checked(None, "unparseable", f"expected an object, got {type(record).__name__}",
+                       id=default_id)
+    rid = default_id
     if mapping.id:
-        rid = record.get(mapping.id)
-        if rid is None or (isinstance(rid, str) and not rid.strip()):
-            return Checked(None, "id_missing", f"column {mapping.id!r}")
-        rid = str(rid)
-        if not _is_valid_utf8(rid):
-            return Checked(None, "invalid_utf8", "in the id")
-    else:
-        rid = default_id
+        value = json_safe(record.get(mapping.id))
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return Checked(None, "id_missing", f"column {mapping.id!r}", id=default_id)
+        value = str(value)
+        if not _is_valid_utf8(value):
+            return Checked(None, "invalid_utf8", "in the id", id=default_id)
+        rid = value
+    checked = _check_fields(record, mapping, rid)
+    checked.id = rid
+    return checked
+
+
+def _check_fields(record: dict, mapping: ColumnMapping, rid: str) -> Checked:
     if mapping.raw not in record:
         return Checked(None, "raw_missing", f"column {mapping.raw!r}")
     raw = record[mapping.raw]
+    if isinstance(raw, float):
+        raw = json_safe(raw)  # NaN (pandas' null) counts as null
     if raw is None:
         return Checked(None, "raw_null")
     if not isinstance(raw, str):
@@ -165,6 +195,8 @@ def check_record(record: Any, mapping: ColumnMapping, default_id: str) -> Checke
     if not raw.strip():
         return Checked(None, "raw_empty")
     synthetic = record.get(mapping.synthetic) if mapping.synthetic else None
+    if isinstance(synthetic, float):
+        synthetic = json_safe(synthetic)
     flags: tuple[str, ...] = ()
     if synthetic is not None and not isinstance(synthetic, str):
         return Checked(None, "synthetic_not_string", type(synthetic).__name__)
@@ -175,7 +207,7 @@ def check_record(record: Any, mapping: ColumnMapping, default_id: str) -> Checke
         synthetic = synthetic.strip() or None
     if synthetic is None:
         flags = (FLAG_NO_SYNTHETIC,)
-    url = record.get(mapping.url) if mapping.url else None
+    url = json_safe(record.get(mapping.url)) if mapping.url else None
     row = {ID: rid, RAW: raw.strip(), SYNTHETIC: synthetic,
            URL: url if url is None or isinstance(url, str) else str(url)}
     used = mapping.source_columns()
@@ -183,5 +215,7 @@ def check_record(record: Any, mapping: ColumnMapping, default_id: str) -> Checke
         if key in used:
             continue
         # a source column that clashes with an internal name is kept under another name
+        if value is not None and not isinstance(value, (str, int)):
+            value = json_safe(value)
         row[key if key not in row else f"source_{key}"] = value
     return Checked(row, None, "", flags)

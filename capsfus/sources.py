@@ -23,6 +23,7 @@ JSONL_EXT = (".jsonl", ".ndjson", ".jsonl.zst", ".ndjson.zst", ".jsonl.zstd")
 JSON_EXT = (".json",)
 DATA_EXT = PARQUET_EXT + JSONL_EXT + JSON_EXT
 PARQUET_BATCH_ROWS = 8192
+_UNDECODABLE = object()  # a parquet value whose strings are not valid UTF-8
 
 
 @dataclass
@@ -57,6 +58,52 @@ def _has_surrogates(obj) -> str | None:
 
 def _safe_text(s: str, limit: int = 2000) -> str:
     return s[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompresses a zstd file of one or more frames, and raises ``ZstdError`` when the file
+    ends inside a frame. (zstandard's ``stream_reader`` just returns a short read there, so a
+    truncated ``.jsonl.zst`` would lose its last rows without a word.)"""
+
+    def __init__(self, f, chunk: int = 1 << 17):
+        import zstandard
+        self._zstd = zstandard
+        self._f = f
+        self._chunk = chunk
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame = None            # decompressobj of the current frame
+        self._out = memoryview(b"")   # decompressed bytes not yet read
+        self._at_end = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._out:
+            if self._at_end:
+                return 0
+            data = self._f.read(self._chunk)
+            if not data:
+                self._at_end = True
+                if self._frame is not None and not self._frame.eof:
+                    raise self._zstd.ZstdError("the file ends inside a zstd frame (truncated)")
+                return 0
+            parts = []
+            while data:
+                if self._frame is None or self._frame.eof:
+                    self._frame = self._dctx.decompressobj()
+                parts.append(self._frame.decompress(data))
+                data = self._frame.unused_data if self._frame.eof else b""
+            self._out = memoryview(b"".join(parts))
+        n = min(len(b), len(self._out))
+        b[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()
 
 
 @dataclass
@@ -108,9 +155,7 @@ class Source:
         except OSError as e:
             raise UserError(f"cannot open {self.path}: {e.strerror}") from None
         if self.path.endswith((".zst", ".zstd")):
-            import zstandard
-            return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True,
-                                                               closefd=True)
+            return _ZstdReader(f)
         return f
 
     def _jsonl_records(self):
@@ -121,6 +166,7 @@ class Source:
                 for line in buffered:
                     if not line.strip():
                         continue  # blank lines are not rows
+                    line = line.rstrip(b"\r\n")  # the rejected file keeps the line, not its end
                     try:
                         text = line.decode("utf-8")
                     except UnicodeDecodeError as e:
@@ -133,7 +179,8 @@ class Source:
                         yield BadRecord("unparseable", f"JSON: {e.msg} at column {e.colno}",
                                         _safe_text(text))
                         continue
-                    bad = _has_surrogates(obj)
+                    # decoded UTF-8 holds no surrogates: only a JSON \uXXXX escape can make one
+                    bad = _has_surrogates(obj) if "\\u" in text else None
                     if bad is not None:
                         yield BadRecord("invalid_utf8", f"lone surrogate in {bad!r}",
                                         _safe_text(text))
@@ -227,7 +274,9 @@ class Source:
         import pyarrow as pa
         import pyarrow.parquet as pq
         try:
-            pf = pq.ParquetFile(self.path)
+            # pre_buffer (on by default in recent pyarrow) keeps the read-ahead of every row
+            # group until the file is done: memory then grows with the file. Stream instead.
+            pf = pq.ParquetFile(self.path, pre_buffer=False, buffer_size=1 << 20)
             batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS)
         except Exception as e:
             raise UserError(f"cannot read parquet file {self.path}: {e}") from None
@@ -245,17 +294,31 @@ class Source:
                 continue
             except UnicodeDecodeError:
                 pass
-            # A batch with undecodable strings: convert row by row, binary where needed.
+            # A batch with undecodable strings: convert column by column, and row by row in the
+            # columns that fail (plain strings as bytes, to show what was there).
             names = batch.schema.names
             cols = []
-            for i, field in enumerate(batch.schema):
+            for i in range(batch.num_columns):
                 col = batch.column(i)
-                if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
-                    col = col.cast(pa.binary() if pa.types.is_string(field.type)
+                try:
+                    cols.append(("value", col.to_pylist()))
+                    continue
+                except UnicodeDecodeError:
+                    pass
+                if pa.types.is_dictionary(col.type):
+                    col = col.dictionary_decode()
+                if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+                    col = col.cast(pa.binary() if pa.types.is_string(col.type)
                                    else pa.large_binary())
                     cols.append(("bytes", col.to_pylist()))
-                else:
-                    cols.append(("value", col.to_pylist()))
+                else:  # nested (list, struct, map …) holding a bad string somewhere
+                    values = []
+                    for r in range(len(col)):
+                        try:
+                            values.append(col[r].as_py())
+                        except UnicodeDecodeError:
+                            values.append(_UNDECODABLE)
+                    cols.append(("value", values))
             for r in range(batch.num_rows):
                 rec, bad = {}, None
                 for name, (how, values) in zip(names, cols):
@@ -266,6 +329,8 @@ class Source:
                         except UnicodeDecodeError:
                             bad = name
                             v = v.decode("utf-8", "backslashreplace")
+                    elif v is _UNDECODABLE:
+                        bad, v = name, "<not valid UTF-8>"
                     rec[name] = v
                 if bad is not None:
                     yield BadRecord("invalid_utf8", f"column {bad!r}",
