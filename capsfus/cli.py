@@ -80,7 +80,8 @@ def shard(inputs, out, rows_per_shard, raw_col, synthetic_col, url_col, id_col, 
     from .ingest import shard as do_shard
     console = _console()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
+                  console=console, transient=True,
+                  disable=not console.is_terminal) as progress:
         task = progress.add_task("reading", total=None)
 
         def on_progress(s: dict) -> None:
