@@ -247,22 +247,49 @@ def _setup_console_logging(console) -> None:
         root.addHandler(h)
 
 
+def _fuse_stage_options(f):
+    opts = [
+        click.option("--shards", help="Shards to run, e.g. 0-9,12 (default: all)."),
+        click.option("--chunk-size", default=1000, show_default=True,
+                     help="Rows per committed chunk: at most this much work is redone after "
+                          "a kill."),
+        click.option("--tag", help="Name a separate fusion of the same rows (stage fuse@TAG)."),
+        click.option("--force", is_flag=True,
+                     help="Redo the stage with changed output-shaping settings."),
+        click.option("--max-attempts", default=3, show_default=True,
+                     help="Attempts on a row that fails alone before it is rejected."),
+        click.option("--lease-ttl", default=300.0, show_default=True,
+                     help="Seconds without heartbeat after which a shard's lease is taken "
+                          "over."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _fuse_job(run_dir, tag, chunk_size, max_attempts, kw):
+    """(run, manifest, FuseJob) from the fuse options."""
+    from .manifest import Run, stage_name
+    from .prompt import PromptTemplate
+    from .stages.fuse import FuseJob
+    if chunk_size < 1:
+        raise UserError("--chunk-size must be at least 1")
+    run = Run(Path(run_dir).resolve())  # workers and logs get absolute paths
+    manifest = run.manifest()
+    template = PromptTemplate.from_file(kw["prompt_file"]) if kw.get("prompt_file") \
+        else PromptTemplate()
+    job = FuseJob(run_dir=str(run.root), stage=stage_name("fuse", tag), spec=_spec_from(kw),
+                  template=template, chunk_size=chunk_size, max_attempts=max_attempts)
+    return run, manifest, job
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("run_dir", type=click.Path())
 @preset_option
 @_engine_options
-@click.option("--shards", help="Shards to run, e.g. 0-9,12 (default: all).")
-@click.option("--chunk-size", default=1000, show_default=True,
-              help="Rows per committed chunk: at most this much work is redone after a kill.")
+@_fuse_stage_options
 @click.option("--workers", default=1, show_default=True,
               help="Local worker processes, each loading the model once.")
-@click.option("--tag", help="Name a separate fusion of the same rows (stage fuse@TAG).")
-@click.option("--force", is_flag=True,
-              help="Redo the stage with changed output-shaping settings.")
-@click.option("--max-attempts", default=3, show_default=True,
-              help="Attempts on a row that fails alone before it is rejected.")
-@click.option("--lease-ttl", default=300.0, show_default=True,
-              help="Seconds without heartbeat after which a shard's lease is taken over.")
 def fuse(run_dir, shards, chunk_size, workers, tag, force, max_attempts, lease_ttl, **kw):
     """Fuse raw and synthetic captions of RUN_DIR here (local executor).
 
@@ -272,20 +299,13 @@ def fuse(run_dir, shards, chunk_size, workers, tag, force, max_attempts, lease_t
     `capsfus submit fuse`.
     """
     from .executors.local import prepare, run_local
-    from .manifest import Run, parse_shard_spec, stage_name
-    from .prompt import PromptTemplate
-    from .stages.fuse import FuseJob
-    if chunk_size < 1 or workers < 1:
-        raise UserError("--chunk-size and --workers must be at least 1")
+    from .manifest import parse_shard_spec
+    if workers < 1:
+        raise UserError("--workers must be at least 1")
     console = _console()
     _setup_console_logging(console)
-    run = Run(Path(run_dir).resolve())  # workers and logs get absolute paths
-    manifest = run.manifest()
-    name = stage_name("fuse", tag)
-    template = PromptTemplate.from_file(kw["prompt_file"]) if kw.get("prompt_file") \
-        else PromptTemplate()
-    job = FuseJob(run_dir=str(run.root), stage=name, spec=_spec_from(kw), template=template,
-                  chunk_size=chunk_size, max_attempts=max_attempts)
+    run, manifest, job = _fuse_job(run_dir, tag, chunk_size, max_attempts, kw)
+    name = job.stage
     selected = parse_shard_spec(shards, len(manifest["shards"]))
     prep = prepare(job, selected, force=force)
     console.print(f"[bold]{name}[/] of run {manifest['run_id'][:8]}: {len(selected)} shard(s), "
@@ -322,6 +342,258 @@ def _print_stage_summary(console, run, name: str, summaries: list[dict]) -> None
 
 
 # ---------------------------------------------------------------------------------------------
+def _executor_options(defaults: bool):
+    """SLURM executor flags. With ``defaults=False`` (resume) every flag defaults to None,
+    meaning "as in the recorded submission"."""
+    def d(value):
+        return value if defaults else None
+
+    def deco(f):
+        opts = [
+            click.option("--nodes", type=int, default=d(1), show_default=defaults,
+                         help="Nodes to spread workers over."),
+            click.option("--gpus-per-node", type=int, default=d(0), show_default=defaults,
+                         help="GPUs per node (0: a CPU cluster)."),
+            click.option("--gpus-per-task", type=int, default=d(1), show_default=defaults,
+                         help="GPUs per worker (vLLM tensor parallelism when > 1)."),
+            click.option("--workers-per-node", type=int, default=d(1), show_default=defaults,
+                         help="Workers per node on CPU clusters."),
+            click.option("--partition", "-p", help="SLURM partition."),
+            click.option("--account", "-A", help="SLURM account."),
+            click.option("--qos", help="SLURM quality of service."),
+            click.option("--time", "time_limit", default=d("24:00:00"), show_default=defaults,
+                         help="Time limit per worker job, HH:MM:SS or D-HH:MM:SS; workers "
+                              "are requeued at the limit and continue."),
+            click.option("--mem", help="Memory per worker, e.g. 64G."),
+            click.option("--cpus-per-gpu", type=int, default=d(8), show_default=defaults,
+                         help="CPUs per GPU of a worker."),
+            click.option("--cpus-per-task", type=int,
+                         help="CPUs per worker on CPU clusters (default 1)."),
+            click.option("--slurm-arg", "slurm_args", multiple=True, metavar="KEY=VALUE",
+                         help="Any other sbatch option, e.g. --slurm-arg constraint=a100."),
+            click.option("--dry-run", is_flag=True,
+                         help="Print the plan and the sbatch script(s); submit nothing."),
+            click.option("--max-array-size", type=int,
+                         help="Override the cluster's MaxArraySize (read from `scontrol show "
+                              "config`), e.g. for a dry run away from the cluster."),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return deco
+
+
+def _executor_kwargs(kw: dict) -> dict:
+    """The executor flags the user gave (None = not given)."""
+    out = {}
+    for key in ("nodes", "gpus_per_node", "gpus_per_task", "workers_per_node", "partition",
+                "account", "qos", "mem", "cpus_per_gpu", "cpus_per_task"):
+        if kw.get(key) is not None:
+            out[key] = kw[key]
+    if kw.get("time_limit") is not None:
+        out["time"] = kw["time_limit"]
+    if kw.get("slurm_args"):
+        args = {}
+        for item in kw["slurm_args"]:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UserError(f"--slurm-arg {item!r}: use KEY=VALUE (e.g. constraint=a100)")
+            args[key.lstrip("-")] = value
+        out["slurm_args"] = args
+    return out
+
+
+def _print_submission(console, rec: dict, shards_todo: int) -> None:
+    arrays = ", ".join(f"{a['size']} (throttle %{a['throttle']})"
+                       + (f" job {a['job_id']}" if a.get("job_id") else "")
+                       for a in rec["arrays"])
+    es = rec["executor"]
+    gpus = (f"{es['gpus_per_task']} GPU(s) each" if es["gpus_per_node"] else "CPU only")
+    console.print(f"{'plan' if rec['dry_run'] else 'submitted'}: {shards_todo} shard(s) to do, "
+                  f"{rec['workers']} worker(s) ({gpus}), {len(rec['arrays'])} array(s): "
+                  f"{arrays or 'none'}; MaxArraySize {rec['max_array_size']}")
+
+
+def _submit_and_report(console, prep, es, manifest, dry_run, max_array_size):
+    from .executors.slurm import submit
+    rec = submit(prep, es, manifest["run_id"], dry_run=dry_run, max_array_size=max_array_size)
+    if dry_run:
+        for i, script in enumerate(rec["scripts"]):
+            click.echo(f"# ---- sbatch script {i + 1}/{len(rec['scripts'])} ----")
+            click.echo(script)
+    _print_submission(console, rec, len(prep.shards))
+    if not dry_run:
+        console.print(f"follow it with `capsfus status {prep.job.run_dir}`; rerun what fails "
+                      f"with `capsfus resume {prep.job.run_dir}`")
+    return rec
+
+
+@main.group(context_settings=CONTEXT)
+def submit():
+    """Submit a stage to SLURM: workers are job-array elements that pull shards."""
+
+
+@submit.command("fuse", context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path())
+@preset_option
+@_engine_options
+@_fuse_stage_options
+@_executor_options(defaults=True)
+def submit_fuse(run_dir, shards, chunk_size, tag, force, max_attempts, lease_ttl, dry_run,
+                max_array_size, **kw):
+    """Fuse RUN_DIR on a SLURM cluster.
+
+    `--nodes 16 --gpus-per-node 8` starts at most 128 one-GPU workers (fewer with
+    --gpus-per-task, never more than shards to do), as job arrays split to fit the cluster's
+    MaxArraySize. Each worker loads the model once and leases shards until none is left.
+    The model is resolved (and downloaded, for a Hub id) here, before submission: compute
+    nodes can then run offline (HF_HUB_OFFLINE=1).
+    """
+    from .executors.local import prepare
+    from .executors.slurm import ExecutorSettings
+    from .manifest import parse_shard_spec
+    console = _console()
+    run, manifest, job = _fuse_job(run_dir, tag, chunk_size, max_attempts, kw)
+    es = ExecutorSettings(**_executor_kwargs(kw), lease_ttl=lease_ttl)
+    selected = parse_shard_spec(shards, len(manifest["shards"]))
+    if dry_run:
+        # no config is written and no model downloaded for a dry run
+        from .executors.local import Prepared, input_stage_for
+        prep = Prepared(job, "dry-run", input_stage_for(run), selected)
+    else:
+        prep = prepare(job, selected, force=force)
+        prep = _only_todo(run, prep)
+    _submit_and_report(console, prep, es, manifest, dry_run, max_array_size)
+
+
+def _only_todo(run, prep, job_alive=None):
+    """The shards of ``prep`` not done and not held by a live worker."""
+    from dataclasses import replace
+
+    from .lease import LeaseDir
+    from .stage import StageDir
+    from .status import shard_status
+    stage = StageDir(run, prep.job.stage)
+    leases = LeaseDir(stage.root / "leases", job_alive=job_alive)
+    current = leases.scan()
+    now = time.time()
+    todo = []
+    for i in prep.shards:
+        st = stage.read_state(i)
+        s = shard_status(st, current.get(i), leases, now)
+        if s == "done" and st.get("settings_hash") == prep.settings_hash:
+            continue
+        if s == "running":
+            continue
+        todo.append(i)
+    return replace(prep, shards=todo)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path())
+@click.option("--stage", "stage_opt", default="fuse", show_default=True,
+              help="Stage to resume (fuse, fuse@TAG, …).")
+@_executor_options(defaults=False)
+def resume(run_dir, stage_opt, dry_run, max_array_size, **kw):
+    """Relaunch SLURM workers for what is failed, interrupted, pending or stale in a stage.
+
+    Replays the last submission's settings; executor flags given here override them
+    (output-shaping settings cannot change: use `capsfus submit fuse --force` for that).
+    Shards held by a live worker are left alone; no more workers than shards to do.
+    """
+    from dataclasses import replace
+
+    from .executors.local import prepare
+    from .executors.slurm import ExecutorSettings, submissions
+    from .manifest import Run
+    from .slurm import JobLiveness
+    from .stages.fuse import FuseJob
+    console = _console()
+    run = Run(Path(run_dir).resolve())
+    manifest = run.manifest()
+    stage_root = run.root / stage_opt
+    recs = submissions(stage_root)
+    if not recs:
+        raise UserError(f"no SLURM submission recorded for stage {stage_opt} in {run.root}: "
+                        f"start one with `capsfus submit fuse {run_dir} …` (for a local run, "
+                        f"just rerun `capsfus fuse {run_dir} …`)")
+    last = recs[-1]
+    job = FuseJob.from_dict(last["job"])
+    job = replace(job, run_dir=str(run.root))
+    es = ExecutorSettings.from_dict({**last["executor"], **_executor_kwargs(kw)})
+    prep = prepare(job, None)
+    prep = _only_todo(run, prep, job_alive=JobLiveness())
+    if not prep.shards:
+        console.print(f"nothing to resume in {stage_opt}: every shard is done or held by a "
+                      f"live worker (`capsfus status {run_dir}`)")
+        return
+    _submit_and_report(console, prep, es, manifest, dry_run, max_array_size)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path())
+@click.argument("shard", type=int)
+@click.option("--stage", "stage_opt", default="fuse", show_default=True)
+@click.option("--lines", "-n", default=40, show_default=True, help="Lines from the end.")
+def logs(run_dir, shard, stage_opt, lines):
+    """Show the end of the logs of the worker(s) that ran SHARD: the capsfus worker log and,
+    on SLURM, the job's own output."""
+    from .manifest import Run
+    from .stage import StageDir
+    run = Run(Path(run_dir).resolve())
+    n = len(run.manifest()["shards"])
+    if not 0 <= shard < n:
+        raise UserError(f"shard {shard}: the run has shards 0-{n - 1}")
+    st = StageDir(run, stage_opt).read_state(shard)
+    if not st:
+        raise UserError(f"shard {shard} of {stage_opt} has not been started")
+    paths = []
+    if st.get("log"):
+        paths.append(Path(st["log"]))
+    job = (st.get("owner") or {}).get("job_id")
+    if job:
+        base = job.split("_")[0]
+        paths += sorted((run.root / stage_opt / "slurm").glob(f"{base}*/{job}_*log.out"))
+        paths += sorted((run.root / stage_opt / "slurm").glob(f"{job}/*log.out"))
+    click.echo(f"shard {shard}: {st['status']}, {st.get('rows_done', 0)}/{st.get('rows_total')} "
+               f"rows, attempt {st.get('attempts')}, holder {st.get('owner')}")
+    if st.get("last_error"):
+        click.echo(f"last error: {st['last_error'].get('message')}")
+    for p in dict.fromkeys(paths):
+        click.echo(f"==> {p} <==")
+        try:
+            text = p.read_text(errors="replace").splitlines()
+        except OSError as e:
+            click.echo(f"(unreadable: {e.strerror})")
+            continue
+        mine = [ln for ln in text if f"shard {shard} " in ln or f"shard {shard}:" in ln]
+        click.echo("\n".join(text[-lines:]))
+        if mine and mine[-1] not in text[-lines:]:
+            click.echo(f"(last line about shard {shard}: {mine[-1]})")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path())
+@click.option("--stage", "stage_opt", default="fuse", show_default=True)
+def cancel(run_dir, stage_opt):
+    """Cancel every SLURM job of the run's stage that is still queued or running. Committed
+    chunks stay; `capsfus resume` continues later."""
+    from .executors.slurm import submitted_job_ids
+    from .manifest import Run
+    from .slurm import scancel, squeue
+    run = Run(Path(run_dir).resolve())
+    run.manifest()
+    ids = submitted_job_ids(run.root / stage_opt)
+    live = squeue(ids) if ids else {}
+    targets = sorted({j.split("_")[0] for j in live})
+    if not targets:
+        click.echo(f"no job of {stage_opt} is queued or running")
+        return
+    scancel(targets)
+    click.echo(f"cancelled {len(live)} job(s)/element(s): {', '.join(targets)}")
+
+
+# ---------------------------------------------------------------------------------------------
 @main.command(context_settings=CONTEXT)
 @click.argument("run_dir", type=click.Path())
 @click.option("--stage", "stage_opt", help="Stage to show (default: every stage of the run).")
@@ -334,8 +606,11 @@ def status(run_dir, stage_opt, as_json):
     run = Run(Path(run_dir))
     m = run.manifest()
     stages = [stage_opt] if stage_opt else [s for s in run.stages() if s != "input"]
+    from .slurm import JobLiveness
+    alive = JobLiveness() if any((run.root / s / "submissions").exists() for s in stages) \
+        else None
     result = {"run_id": m["run_id"], "input": {"shards": len(m["shards"]), **m["counts"]},
-              "stages": [stage_status(run, s) for s in stages]}
+              "stages": [stage_status(run, s, job_alive=alive) for s in stages]}
     if as_json:
         click.echo(json.dumps(result, indent=1))
         return
@@ -367,9 +642,26 @@ def status(run_dir, stage_opt, as_json):
         if s["reasons"]:
             console.print("  rejected: " + ", ".join(f"{k} {v:,}" for k, v in
                                                      sorted(s["reasons"].items())))
+        sl = s.get("slurm")
+        if sl is not None:
+            if "error" in sl:
+                console.print(f"  SLURM: {sl['error']}")
+            else:
+                from collections import Counter
+                by_state = Counter(sl["jobs"].values())
+                console.print(f"  SLURM: {sl['submitted']} worker job(s) submitted; in squeue: "
+                              + (", ".join(f"{k} {v}" for k, v in sorted(by_state.items()))
+                                 or "none"))
+        for r in s["running"][:20]:
+            rate = f", {r['rows_per_s']:.2f} rows/s" if r.get("rows_per_s") else ""
+            console.print(f"  shard {r['shard']} running: {r['rows_done']:,}/{r['rows']:,} rows"
+                          f"{rate}, worker {r['worker'] or '?'}"
+                          + (f" (job {r['job_id']})" if r.get("job_id") else ""))
         for f in s["failed"][:10]:
             console.print(f"  [red]shard {f['shard']} failed[/] (attempt {f['attempts']}): "
                           f"{f['error']}  log: {f['log']}")
+            for line in f["log_tail"]:
+                console.print(f"      {line}", markup=False, highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -190,7 +190,21 @@ class LeaseDir:
                 self.path(shard, old).unlink()
             except FileNotFoundError:
                 pass
-        return Lease(self, shard, epoch, data)
+        lease = Lease(self, shard, epoch, data)
+        _HELD.add(lease)
+        return lease
+
+
+_HELD: "set[Lease]" = set()
+
+
+def release_all_held() -> None:
+    """Releases every lease this process holds (a worker about to be requeued or stopped)."""
+    for lease in list(_HELD):
+        try:
+            lease.release()
+        except OSError:
+            pass
 
 
 @dataclass
@@ -225,7 +239,14 @@ class Lease:
         self._thread = threading.Thread(target=loop, name=f"lease-{self.shard}", daemon=True)
         self._thread.start()
 
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __eq__(self, other) -> bool:
+        return self is other
+
     def release(self, **fields) -> None:
+        _HELD.discard(self)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

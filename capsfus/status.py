@@ -30,13 +30,43 @@ def shard_status(state: dict | None, lease, leases: LeaseDir, now: float) -> str
     return "pending"
 
 
-def stage_status(run: Run, stage_name: str) -> dict:
+def _tail(path: str | None, n: int = 3) -> list[str]:
+    if not path:
+        return []
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 8192))
+            return f.read().decode("utf-8", "replace").splitlines()[-n:]
+    except OSError:
+        return []
+
+
+def slurm_jobs(stage_root: Path) -> dict | None:
+    """{job id: state} from squeue for the stage's recorded submissions; None when the stage
+    was never submitted to SLURM, {"error": …} when squeue cannot be asked."""
+    from .errors import UserError
+    from .executors.slurm import submitted_job_ids
+    from .slurm import squeue
+    ids = submitted_job_ids(stage_root)
+    if not ids:
+        return None
+    try:
+        live = squeue(ids)
+    except UserError as e:
+        return {"error": str(e)}
+    wanted = set(ids) | {i.split("_")[0] for i in ids}
+    return {"jobs": {j: st for j, st in live.items() if j in wanted or j.split("_")[0] in wanted},
+            "submitted": len(ids)}
+
+
+def stage_status(run: Run, stage_name: str, job_alive=None) -> dict:
     manifest = run.manifest()
     stage = StageDir(run, stage_name)
     if not stage.root.exists():
         return {"stage": stage_name, "exists": False}
     states = stage.all_states()
-    leases = LeaseDir(stage.root / "leases")
+    leases = LeaseDir(stage.root / "leases", job_alive=job_alive)
     current = leases.scan()
     now = time.time()
     n = len(manifest["shards"])
@@ -66,10 +96,16 @@ def stage_status(run: Run, stage_name: str) -> dict:
                     running_rate += rate
         if s == "failed":
             failed.append({"shard": i, "error": (st.get("last_error") or {}).get("message"),
-                           "attempts": st.get("attempts"), "log": st.get("log")})
+                           "attempts": st.get("attempts"), "log": st.get("log"),
+                           "log_tail": _tail(st.get("log"))})
         if s == "running":
+            t = (st or {}).get("timings") or {}
             running.append({"shard": i, "rows_done": st.get("rows_done", 0) if st else 0,
-                            "rows": total, "holder": lease.data if lease else None})
+                            "rows": total,
+                            "job_id": (lease.data or {}).get("job_id") if lease else None,
+                            "worker": (lease.data or {}).get("worker") if lease else None,
+                            "rows_per_s": round(t["rows"] / t["wall_s"], 3)
+                            if t.get("wall_s") and t.get("rows") else None})
     remaining = rows_total - rows_done
     rate = running_rate or (sum(rates) if rates else 0.0)
     workers = _worker_summaries(stage.root / "logs")
@@ -88,6 +124,7 @@ def stage_status(run: Run, stage_name: str) -> dict:
         "eta_s": round(remaining / running_rate) if running_rate and remaining else None,
         "generation_share": round(gen / busy, 4) if busy else None,
         "failed": failed, "running": running,
+        "slurm": slurm_jobs(stage.root),
     }
 
 

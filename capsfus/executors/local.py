@@ -77,8 +77,14 @@ def prepare(job: FuseJob, shards: list[int] | None, force: bool = False) -> Prep
 
 
 def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
-                heartbeat: float = DEFAULT_HEARTBEAT, child: bool = False) -> dict:
-    """One worker: load the engine once, then lease and run shards until none is left."""
+                heartbeat: float = DEFAULT_HEARTBEAT, child: bool = False,
+                job_alive=None) -> dict:
+    """One worker: load the engine once, then lease and run shards until none is left.
+
+    Passes over the shard list repeat while the last pass ran something, so a shard whose
+    holder died while this worker was busy elsewhere is taken over; a worker stops when a
+    whole pass finds nothing to do (every shard done, held by a live worker, or failed here).
+    """
     if child:
         die_with_parent()
     job = prep.job
@@ -93,39 +99,51 @@ def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     os.environ["CAPSFUS_WORKER_ID"] = worker_id
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
     t0 = time.time()
-    log.info("worker %s on %s pid %d: loading %s", worker_id, socket.gethostname(),
-             os.getpid(), job.spec.engine)
+    log.info("worker %s on %s pid %d (CUDA_VISIBLE_DEVICES=%s): loading %s", worker_id,
+             socket.gethostname(), os.getpid(), devices, job.spec.engine)
     engine = load_engine(job.spec)
     load_s = time.time() - t0
+    leases = LeaseDir(stage.root / "leases", ttl=lease_ttl, job_alive=job_alive)
     ctx = StageContext(run=run, manifest=run.manifest(), stage=stage,
                        input_stage=prep.input_stage, settings_hash=prep.settings_hash,
-                       processor=job.make_processor(engine),
-                       leases=LeaseDir(stage.root / "leases", ttl=lease_ttl),
+                       processor=job.make_processor(engine), leases=leases,
                        chunk_size=job.chunk_size, heartbeat=heartbeat,
                        worker={"id": worker_id, "log": str(log_path)})
     summary = {"worker": worker_id, "host": socket.gethostname(), "pid": os.getpid(),
-               "engine": engine.describe(), "runtime": engine.runtime(),
-               "load_s": round(load_s, 3), "gen_s": 0.0, "busy_wall_s": 0.0, "shards": {}}
+               "cuda_visible_devices": devices, "engine": engine.describe(),
+               "runtime": engine.runtime(), "load_s": round(load_s, 3), "gen_s": 0.0,
+               "busy_wall_s": 0.0, "shards": {}}
     t_loaded = time.time()
-    order = _rotate(prep.shards, worker_id)
-    for shard in order:
-        st = stage.read_state(shard)
-        if st and st.get("status") == "done" and stage.final_is_trusted(
-                st, prep.settings_hash) and not stage.has_leftovers(shard, st):
-            continue
-        res = run_shard(ctx, shard)
-        summary["shards"][str(shard)] = res.status
-        summary["gen_s"] += res.gen_seconds
-        if res.status in ("done", "failed"):
-            log.info("shard %d %s: %d rows, %.1fs generating of %.1fs", shard, res.status,
-                     res.rows, res.gen_seconds, res.wall_seconds)
-        summary["busy_wall_s"] = round(time.time() - t_loaded, 3)
-        summary["gen_s"] = round(summary["gen_s"], 3)
-        summary["generation_share"] = round(summary["gen_s"] / summary["busy_wall_s"], 4) \
-            if summary["busy_wall_s"] else None
-        atomic_write_json(logs / f"worker-{worker_id}.json", summary)
+    failed_here: set[int] = set()
+    while True:
+        ran = False
+        for shard in _rotate(prep.shards, worker_id):
+            if shard in failed_here:
+                continue
+            st = stage.read_state(shard)
+            if st and st.get("status") == "done" and stage.final_is_trusted(
+                    st, prep.settings_hash) and not stage.has_leftovers(shard, st):
+                continue
+            res = run_shard(ctx, shard)
+            summary["shards"][str(shard)] = res.status
+            summary["gen_s"] += res.gen_seconds
+            ran |= res.status in ("done", "failed", "fenced")
+            if res.status == "failed":
+                failed_here.add(shard)
+            if res.status in ("done", "failed"):
+                log.info("shard %d %s: %d rows, %.1fs generating of %.1fs", shard, res.status,
+                         res.rows, res.gen_seconds, res.wall_seconds)
+            summary["busy_wall_s"] = round(time.time() - t_loaded, 3)
+            summary["gen_s"] = round(summary["gen_s"], 3)
+            summary["generation_share"] = round(summary["gen_s"] / summary["busy_wall_s"], 4) \
+                if summary["busy_wall_s"] else None
+            atomic_write_json(logs / f"worker-{worker_id}.json", summary)
+        if not ran:
+            break
     engine.close()
+    log.info("worker %s finished: %s", worker_id, summary["shards"])
     root.removeHandler(handler)
     handler.close()
     return summary

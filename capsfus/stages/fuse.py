@@ -120,5 +120,21 @@ class FuseJob:
                 "chat_template": s.chat_template, "dtype": s.dtype,
                 "prompt_sha256": self.template.sha256, "prompt_source": self.template.source}
 
+    def to_dict(self) -> dict:
+        """Plain JSON (for submission records, so `resume` can rebuild the job)."""
+        from dataclasses import asdict
+        return {"kind": "fuse", "run_dir": self.run_dir, "stage": self.stage,
+                "spec": asdict(self.spec), "template": asdict(self.template),
+                "chunk_size": self.chunk_size, "max_attempts": self.max_attempts}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FuseJob":
+        from ..engines import Decoding
+        spec = dict(d["spec"])
+        spec["decoding"] = Decoding(**spec["decoding"])
+        return cls(run_dir=d["run_dir"], stage=d["stage"], spec=EngineSpec(**spec),
+                   template=PromptTemplate(**d["template"]), chunk_size=d["chunk_size"],
+                   max_attempts=d["max_attempts"])
+
     def make_processor(self, engine: Engine) -> FuseProcessor:
         return FuseProcessor(engine, self.template, self.max_attempts)

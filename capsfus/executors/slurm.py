@@ -1,0 +1,227 @@
+"""The SLURM executor (submitit): workers pull shards.
+
+``--nodes 16 --gpus-per-node 8`` means at most 128 one-GPU workers (fewer with
+``--gpus-per-task``, and never more than there are shards to do), submitted as job-array
+elements. Each element loads its model once and leases shards until none is left (see
+local.worker_main). Arrays larger than the cluster's MaxArraySize are split into several
+arrays whose throttles add up to the requested concurrency, never more.
+
+On SIGUSR2 (sent ``signal_delay_s`` before the time limit, or on preemption) submitit calls
+``SlurmWorker.checkpoint``: the worker abandons the chunk in flight and is requeued; the
+requeued element takes its shard over and continues after the last committed chunk.
+
+Each submission is recorded in ``RUN/<stage>/submissions/*.json`` (settings, job ids, plan;
+never a secret) so that ``resume`` can replay it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from ..errors import UserError
+from ..io import atomic_write_json, read_json
+from ..lease import DEFAULT_HEARTBEAT, DEFAULT_TTL
+from .local import Prepared, worker_main
+
+TIME_RE = re.compile(r"^(?:(\d+)-)?(\d{1,3}):(\d{2}):(\d{2})$")
+
+
+@dataclass
+class ExecutorSettings:
+    """Where and how workers run. These never shape the output: change them freely."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0          # 0: a CPU cluster
+    gpus_per_task: int = 1
+    workers_per_node: int = 1       # CPU clusters only
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "24:00:00"
+    mem: str | None = None
+    cpus_per_gpu: int = 8
+    cpus_per_task: int | None = None  # CPU clusters (default 1)
+    slurm_args: dict = field(default_factory=dict)
+    signal_delay_s: int = 120
+    lease_ttl: float = DEFAULT_TTL
+
+    def __post_init__(self):
+        if self.nodes < 1:
+            raise UserError("--nodes must be at least 1")
+        if self.gpus_per_node < 0 or self.gpus_per_task < 1:
+            raise UserError("--gpus-per-node must be >= 0 and --gpus-per-task >= 1")
+        if self.gpus_per_node and self.gpus_per_task > self.gpus_per_node:
+            raise UserError("--gpus-per-task cannot exceed --gpus-per-node")
+        if not TIME_RE.match(self.time):
+            raise UserError(f"--time {self.time!r}: use HH:MM:SS or D-HH:MM:SS")
+
+    @property
+    def time_minutes(self) -> int:
+        d, h, m, s = TIME_RE.match(self.time).groups()
+        return (int(d or 0) * 24 + int(h)) * 60 + int(m) + math.ceil(int(s) / 60)
+
+    def max_workers(self) -> int:
+        if self.gpus_per_node:
+            return self.nodes * (self.gpus_per_node // self.gpus_per_task)
+        return self.nodes * self.workers_per_node
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExecutorSettings":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def split_arrays(workers: int, max_array_size: int) -> list[int]:
+    """Array sizes (each also its throttle) that add up to ``workers``: no array may have more
+    elements than MaxArraySize allows (indices 0..MaxArraySize-1)."""
+    if workers <= 0:
+        return []
+    cap = max(1, max_array_size)
+    n = math.ceil(workers / cap)
+    base, extra = divmod(workers, n)
+    return [base + (1 if i < extra else 0) for i in range(n)]
+
+
+def submitit_parameters(es: ExecutorSettings, job_name: str, size: int) -> dict:
+    """Parameters for submitit.SlurmExecutor.update_parameters, for one array of ``size``."""
+    p: dict = {"job_name": job_name, "time": es.time_minutes, "nodes": 1,
+               "ntasks_per_node": 1, "array_parallelism": size,
+               "signal_delay_s": es.signal_delay_s, "stderr_to_stdout": True}
+    if es.gpus_per_node:
+        p["gres"] = f"gpu:{es.gpus_per_task}"
+        p["cpus_per_task"] = es.cpus_per_gpu * es.gpus_per_task
+    else:
+        p["cpus_per_task"] = es.cpus_per_task or 1
+    for key in ("partition", "account", "qos", "mem"):
+        if getattr(es, key):
+            p[key] = getattr(es, key)
+    if es.slurm_args:
+        p["additional_parameters"] = dict(es.slurm_args)
+    return p
+
+
+class SlurmWorker:
+    """The callable each array element runs (pickled by submitit: plain data, no secrets)."""
+
+    def __init__(self, prep: Prepared, lease_ttl: float = DEFAULT_TTL,
+                 heartbeat: float = DEFAULT_HEARTBEAT):
+        self.prep = prep
+        self.lease_ttl = lease_ttl
+        self.heartbeat = heartbeat
+
+    def __call__(self, index: int = 0) -> dict:
+        import signal
+
+        from ..slurm import JobLiveness
+        # submitit ignores SIGTERM (it waits for SIGUSR2); SLURM sends SIGTERM on scancel and
+        # on preemption: stop at once, giving the shard back (committed chunks stay).
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        job = os.environ.get("SLURM_ARRAY_JOB_ID")
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        worker_id = f"{job}_{task}" if job and task else os.environ.get("SLURM_JOB_ID", "local")
+        return worker_main(self.prep, worker_id, self.lease_ttl, self.heartbeat,
+                           job_alive=JobLiveness(ttl=min(30.0, self.lease_ttl / 4)))
+
+    def checkpoint(self, *args, **kwargs):
+        """SIGUSR2 / time limit: give the shard back now (the chunk in flight is abandoned,
+        committed chunks stay) and requeue the same worker."""
+        import submitit
+        from ..lease import release_all_held
+        release_all_held()
+        return submitit.helpers.DelayedSubmission(SlurmWorker(self.prep, self.lease_ttl,
+                                                              self.heartbeat), *args, **kwargs)
+
+
+def _stop_on_sigterm(signum, frame):
+    from ..lease import release_all_held
+    release_all_held()
+    raise SystemExit(128 + signum)
+
+
+def _job_name(prep: Prepared, run_id: str) -> str:
+    return f"capsfus-{run_id[:8]}-{prep.job.stage}"
+
+
+def submit(prep: Prepared, es: ExecutorSettings, run_id: str, *, dry_run: bool = False,
+           max_array_size: int | None = None) -> dict:
+    """Submits (or, dry, describes) the workers; returns the submission record."""
+    import submitit
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from ..slurm import max_array_size as cluster_max_array
+    stage_root = Path(prep.job.run_dir) / prep.job.stage
+    workers = min(es.max_workers(), len(prep.shards))
+    if max_array_size is None:
+        if dry_run:
+            try:
+                max_array_size = cluster_max_array()
+            except UserError:
+                max_array_size = 1001  # SLURM's default
+        else:
+            max_array_size = cluster_max_array()
+    sizes = split_arrays(workers, max_array_size)
+    spec = prep.job.spec
+    if es.gpus_per_node and es.gpus_per_task > 1 and spec.engine == "vllm":
+        spec = replace(spec, tensor_parallel_size=es.gpus_per_task)
+    prep = replace(prep, job=replace(prep.job, spec=spec))
+    name = _job_name(prep, run_id)
+    folder = stage_root / "slurm" / "%j"
+    worker = SlurmWorker(prep, es.lease_ttl, heartbeat=min(DEFAULT_HEARTBEAT, es.lease_ttl / 4))
+    record = {
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "stage": prep.job.stage, "settings_hash": prep.settings_hash,
+        "executor": es.to_dict(), "job": prep.job.to_dict(),
+        "shards": len(prep.shards), "workers": workers, "max_array_size": max_array_size,
+        "arrays": [], "dry_run": dry_run,
+    }
+    scripts = []
+    for size in sizes:
+        ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=1000)
+        ex.update_parameters(**submitit_parameters(es, name, size))
+        if dry_run:
+            params = dict(ex.parameters)
+            if size > 1:
+                params["map_count"] = size
+            scripts.append(_make_sbatch_string(command=ex._submitit_command_str,
+                                               folder=ex.folder, **params))
+            record["arrays"].append({"size": size, "throttle": size, "job_id": None})
+            continue
+        try:
+            jobs = ex.map_array(worker, range(size))
+        except Exception as e:  # sbatch said no: partition, account, limits…
+            raise UserError(f"sbatch refused the submission: {str(e).strip().splitlines()[-1]}"
+                            f" (check --partition/--account/--qos/--time against "
+                            f"`sinfo` and your limits)") from None
+        base = jobs[0].job_id.split("_")[0]
+        record["arrays"].append({"size": size, "throttle": size, "job_id": base,
+                                 "elements": [j.job_id for j in jobs]})
+    record["scripts"] = scripts
+    if not dry_run:
+        sub_dir = stage_root / "submissions"
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        atomic_write_json(sub_dir / f"{stamp}.json", {k: v for k, v in record.items()
+                                                      if k != "scripts"})
+    return record
+
+
+def submissions(stage_root: Path) -> list[dict]:
+    folder = Path(stage_root) / "submissions"
+    if not folder.exists():
+        return []
+    return [read_json(p) for p in sorted(folder.glob("*.json"))]
+
+
+def submitted_job_ids(stage_root: Path) -> list[str]:
+    ids = []
+    for rec in submissions(stage_root):
+        for arr in rec.get("arrays", []):
+            ids += arr.get("elements") or ([arr["job_id"]] if arr.get("job_id") else [])
+    return ids
