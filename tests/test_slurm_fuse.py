@@ -200,3 +200,35 @@ def test_secrets_never_reach_the_run_dir(slurm_cluster, tmp_path):
     for p in run.rglob("*"):
         if p.is_file():
             assert secret.encode() not in p.read_bytes(), p
+
+
+def test_a_cluster_that_says_no_gives_one_clear_line(slurm_cluster, tmp_path):
+    run = make_run(tmp_path, n=20, per_shard=10)
+    p = capsfus("submit", "fuse", run, "--engine", "echo", "--partition", "no-such-partition",
+                check=False, SLURM_CONF=slurm_cluster.conf)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "sbatch refused" in p.stderr and "partition" in p.stderr.lower()
+    p = capsfus("resume", run, check=False, SLURM_CONF=slurm_cluster.conf)
+    assert p.returncode == 2 and "no SLURM submission recorded" in p.stderr
+
+
+def test_failed_shard_shows_in_status_with_its_log_and_resume_dry_run(slurm_cluster, tmp_path):
+    run = make_run(tmp_path, n=40, per_shard=10)  # 4 shards
+    shard1 = run / "input" / "out" / "00001.jsonl.zst"
+    shard1.write_bytes(shard1.read_bytes()[:-7])  # corrupt: its checksum no longer matches
+    capsfus("submit", "fuse", run, "--engine", "echo", "--nodes", 2, "--gpus-per-node", 0,
+            "--time", "00:05:00", SLURM_CONF=slurm_cluster.conf)
+    wait_jobs(slurm_cluster, run)
+    st = json.loads(capsfus("status", run, "--json", SLURM_CONF=slurm_cluster.conf).stdout)
+    s = st["stages"][0]
+    assert s["counts"]["done"] == 3 and s["counts"]["failed"] == 1
+    failed = s["failed"][0]
+    assert failed["shard"] == 1 and "checksum" in failed["error"]
+    assert failed["log_tail"] and any("checksum" in line for line in failed["log_tail"])
+    text = capsfus("status", run, SLURM_CONF=slurm_cluster.conf).stdout
+    assert "shard 1 failed" in text and "checksum" in text
+    logs = capsfus("logs", run, 1, SLURM_CONF=slurm_cluster.conf).stdout
+    assert "checksum" in logs and "==>" in logs
+    p = capsfus("resume", run, "--dry-run", SLURM_CONF=slurm_cluster.conf)
+    assert "1 shard(s) to do, 1 worker(s)" in " ".join((p.stdout + p.stderr).split())
+    assert len(submissions(run / "fuse")) == 1  # a dry run records nothing
