@@ -30,16 +30,20 @@ def shard_status(state: dict | None, lease, leases: LeaseDir, now: float) -> str
     return "pending"
 
 
-def _tail(path: str | None, n: int = 3) -> list[str]:
+def _tail(path: str | None, shard: int, n: int = 3) -> list[str]:
+    """The last lines of a worker log that speak of ``shard`` (a worker log holds many
+    shards), else its last lines."""
     if not path:
         return []
     try:
         with open(path, "rb") as f:
             f.seek(0, 2)
-            f.seek(max(0, f.tell() - 8192))
-            return f.read().decode("utf-8", "replace").splitlines()[-n:]
+            f.seek(max(0, f.tell() - 65536))
+            lines = [ln for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
     except OSError:
         return []
+    mine = [ln for ln in lines if f"shard {shard} " in ln or f"shard {shard}:" in ln]
+    return (mine or lines)[-n:]
 
 
 def slurm_jobs(stage_root: Path) -> dict | None:
@@ -97,7 +101,7 @@ def stage_status(run: Run, stage_name: str, job_alive=None) -> dict:
         if s == "failed":
             failed.append({"shard": i, "error": (st.get("last_error") or {}).get("message"),
                            "attempts": st.get("attempts"), "log": st.get("log"),
-                           "log_tail": _tail(st.get("log"))})
+                           "log_tail": _tail(st.get("log"), i)})
         if s == "running":
             t = (st or {}).get("timings") or {}
             running.append({"shard": i, "rows_done": st.get("rows_done", 0) if st else 0,
