@@ -232,3 +232,37 @@ def test_failed_shard_shows_in_status_with_its_log_and_resume_dry_run(slurm_clus
     p = capsfus("resume", run, "--dry-run", SLURM_CONF=slurm_cluster.conf)
     assert "1 shard(s) to do, 1 worker(s)" in " ".join((p.stdout + p.stderr).split())
     assert len(submissions(run / "fuse")) == 1  # a dry run records nothing
+
+
+def test_sigusr2_checkpoints_requeues_and_continues(slurm_cluster, tmp_path):
+    """Preemption / time limit: SIGUSR2 -> submitit checkpoint -> the shard is given back and
+    the same element requeued; it continues after the last committed chunk."""
+    run = make_run(tmp_path, n=200, per_shard=200)
+    log = tmp_path / "echo.log"
+    env = dict(CAPSFUS_ECHO_LOG=log, CAPSFUS_ECHO_SLEEP=0.02, SLURM_CONF=slurm_cluster.conf)
+    capsfus("submit", "fuse", run, "--engine", "echo", "--chunk-size", 10, "--nodes", 1,
+            "--gpus-per-node", 0, "--time", "00:10:00", **env)
+    job = submitted_job_ids(run / "fuse")[0]
+    stage = StageDir(Run(run), "fuse")
+    deadline = time.time() + 60
+    while len((stage.read_state(0) or {}).get("chunks", [])) < 3:
+        assert time.time() < deadline
+        time.sleep(0.1)
+    slurm_cluster.run("scancel", "--signal=USR2", job)
+    deadline = time.time() + 30
+    while True:  # the lease is released at once, not left to expire
+        lease = json.loads(sorted((run / "fuse" / "leases").glob("00000.e*.json"))[-1]
+                           .read_text())
+        if lease.get("released"):
+            break
+        assert time.time() < deadline, lease
+        time.sleep(0.1)
+    time.sleep(0.5)
+    slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+    wait_jobs(slurm_cluster, run, timeout=120)
+    assert_exactly_once(run)
+    st = stage.read_state(0)
+    assert st["epoch"] >= 2
+    assert sum(echo_log_counts(log).values()) - 200 <= 2 * 10
+    out_log = next((run / "fuse" / "slurm").rglob("*_log.out")).read_text()
+    assert "USR2" in out_log
