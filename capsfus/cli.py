@@ -458,8 +458,8 @@ def submit_fuse(run_dir, shards, chunk_size, tag, force, max_attempts, lease_ttl
     selected = parse_shard_spec(shards, len(manifest["shards"]))
     if dry_run:
         # no config is written and no model downloaded for a dry run
-        from .executors.local import Prepared, input_stage_for
-        prep = Prepared(job, "dry-run", input_stage_for(run), selected)
+        from .executors.local import Prepared
+        prep = Prepared(job, "dry-run", "input", selected)
     else:
         prep = prepare(job, selected, force=force)
         prep = _only_todo(run, prep)
@@ -507,7 +507,7 @@ def resume(run_dir, stage_opt, dry_run, max_array_size, **kw):
     from .executors.slurm import ExecutorSettings, submissions
     from .manifest import Run
     from .slurm import JobLiveness
-    from .stages.fuse import FuseJob
+    from .stages import job_from_dict
     console = _console()
     run = Run(Path(run_dir).resolve())
     manifest = run.manifest()
@@ -518,8 +518,7 @@ def resume(run_dir, stage_opt, dry_run, max_array_size, **kw):
                         f"start one with `capsfus submit fuse {run_dir} …` (for a local run, "
                         f"just rerun `capsfus fuse {run_dir} …`)")
     last = recs[-1]
-    job = FuseJob.from_dict(last["job"])
-    job = replace(job, run_dir=str(run.root))
+    job = replace(job_from_dict(last["job"]), run_dir=str(run.root))
     es = ExecutorSettings.from_dict({**last["executor"], **_executor_kwargs(kw)})
     prep = prepare(job, None)
     prep = _only_todo(run, prep, job_alive=JobLiveness())

@@ -13,17 +13,16 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..engines import load_engine
 from ..errors import UserError
 from ..io import atomic_write_json
 from ..lease import DEFAULT_HEARTBEAT, DEFAULT_TTL, LeaseDir
 from ..manifest import Run
 from ..runner import StageContext, run_shard
 from ..stage import StageDir
-from ..stages.fuse import FuseJob
+from ..stages import StageJob
 
 log = logging.getLogger("capsfus.worker")
 
@@ -37,40 +36,26 @@ def die_with_parent() -> None:
         pass
 
 
-def input_stage_for(run: Run) -> str:
-    """Fusion reads the caption stage when the run has one, else the ingested input."""
-    return "caption" if (run.root / "caption" / "config.json").exists() else "input"
-
-
-def resolve_revision(job: FuseJob) -> str | None:
-    if job.spec.engine == "echo":
-        return None
-    from ..models import resolve_model
-    _, revision = resolve_model(job.spec.model, job.spec.revision, job.spec.gguf_file)
-    return revision
-
-
 @dataclass
 class Prepared:
-    """A stage checked and configured for a run, ready for workers."""
+    """A stage checked and configured for a run, ready for workers (picklable)."""
 
-    job: FuseJob
+    job: StageJob
     settings_hash: str
     input_stage: str
     shards: list[int]
 
 
-def prepare(job: FuseJob, shards: list[int] | None, force: bool = False) -> Prepared:
+def prepare(job: StageJob, shards: list[int] | None, force: bool = False) -> Prepared:
+    """Resolves the job (e.g. the model's revision), applies the settings rule and writes the
+    stage config: done once, before any worker starts."""
     run = Run(Path(job.run_dir))
     manifest = run.manifest()
     if not manifest["shards"]:
-        raise UserError(f"{run.root} has no rows to fuse (every input row was rejected at "
-                        f"ingest: see `capsfus cat {run.root} --stage input --rejected`)")
-    input_stage = input_stage_for(run)
-    revision = resolve_revision(job)
-    job = replace(job, spec=replace(job.spec, revision=revision))
-    h = StageDir(run, job.stage).ensure_config(manifest["run_id"], input_stage,
-                                              job.settings(revision), force)
+        raise UserError(f"{run.root} has no rows (every input row was rejected at ingest: see "
+                        f"`capsfus cat {run.root} --stage input --rejected`)")
+    job, input_stage, settings = job.resolve(run)
+    h = StageDir(run, job.stage).ensure_config(manifest["run_id"], input_stage, settings, force)
     if shards is None:
         shards = list(range(len(manifest["shards"])))
     return Prepared(job, h, input_stage, shards)
@@ -102,18 +87,18 @@ def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
     devices = os.environ.get("CUDA_VISIBLE_DEVICES")
     t0 = time.time()
     log.info("worker %s on %s pid %d (CUDA_VISIBLE_DEVICES=%s): loading %s", worker_id,
-             socket.gethostname(), os.getpid(), devices, job.spec.engine)
-    engine = load_engine(job.spec)
+             socket.gethostname(), os.getpid(), devices, job.stage)
+    opened = job.open()
     load_s = time.time() - t0
     leases = LeaseDir(stage.root / "leases", ttl=lease_ttl, job_alive=job_alive)
     ctx = StageContext(run=run, manifest=run.manifest(), stage=stage,
                        input_stage=prep.input_stage, settings_hash=prep.settings_hash,
-                       processor=job.make_processor(engine), leases=leases,
+                       processor=opened.processor, leases=leases,
                        chunk_size=job.chunk_size, heartbeat=heartbeat,
                        worker={"id": worker_id, "log": str(log_path)})
     summary = {"worker": worker_id, "host": socket.gethostname(), "pid": os.getpid(),
-               "cuda_visible_devices": devices, "engine": engine.describe(),
-               "runtime": engine.runtime(), "load_s": round(load_s, 3), "gen_s": 0.0,
+               "cuda_visible_devices": devices, "engine": opened.describe,
+               "runtime": opened.runtime, "load_s": round(load_s, 3), "gen_s": 0.0,
                "busy_wall_s": 0.0, "shards": {}}
     t_loaded = time.time()
     failed_here: set[int] = set()
@@ -142,7 +127,7 @@ def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
             atomic_write_json(logs / f"worker-{worker_id}.json", summary)
         if not ran:
             break
-    engine.close()
+    opened.close()
     log.info("worker %s finished: %s", worker_id, summary["shards"])
     root.removeHandler(handler)
     handler.close()

@@ -168,10 +168,10 @@ def submit(prep: Prepared, es: ExecutorSettings, run_id: str, *, dry_run: bool =
         else:
             max_array_size = cluster_max_array()
     sizes = split_arrays(workers, max_array_size)
-    spec = prep.job.spec
-    if es.gpus_per_node and es.gpus_per_task > 1 and spec.engine == "vllm":
-        spec = replace(spec, tensor_parallel_size=es.gpus_per_task)
-    prep = replace(prep, job=replace(prep.job, spec=spec))
+    spec = getattr(prep.job, "spec", None)  # stages with an engine
+    if spec is not None and es.gpus_per_node and es.gpus_per_task > 1 and spec.engine == "vllm":
+        prep = replace(prep, job=replace(prep.job, spec=replace(
+            spec, tensor_parallel_size=es.gpus_per_task)))
     name = _job_name(prep, run_id)
     folder = stage_root / "slurm" / "%j"
     worker = SlurmWorker(prep, es.lease_ttl, heartbeat=min(DEFAULT_HEARTBEAT, es.lease_ttl / 4))

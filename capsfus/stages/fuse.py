@@ -136,5 +136,21 @@ class FuseJob:
                    template=PromptTemplate(**d["template"]), chunk_size=d["chunk_size"],
                    max_attempts=d["max_attempts"])
 
-    def make_processor(self, engine: Engine) -> FuseProcessor:
-        return FuseProcessor(engine, self.template, self.max_attempts)
+    def resolve(self, run) -> tuple["FuseJob", str, dict]:
+        """Pins the model revision (a Hub id is resolved and downloaded here, before any
+        worker starts) and reads the caption stage when the run has one."""
+        from dataclasses import replace
+        revision = None
+        if self.spec.engine != "echo":
+            from ..models import resolve_model
+            _, revision = resolve_model(self.spec.model, self.spec.revision, self.spec.gguf_file)
+        job = replace(self, spec=replace(self.spec, revision=revision))
+        input_stage = "caption" if (run.root / "caption" / "config.json").exists() else "input"
+        return job, input_stage, job.settings(revision)
+
+    def open(self):
+        from ..engines import load_engine
+        from . import Opened
+        engine = load_engine(self.spec)
+        return Opened(FuseProcessor(engine, self.template, self.max_attempts),
+                      describe=engine.describe(), runtime=engine.runtime(), close=engine.close)
