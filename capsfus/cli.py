@@ -724,5 +724,10 @@ def demo(out, rows):
     run_demo(out, rows, _console(stderr=False))
 
 
+from .cli_quality import filter_cmd, stats_cmd  # noqa: E402  (after main, no cycle)
+
+main.add_command(filter_cmd)
+main.add_command(stats_cmd)
+
 if __name__ == "__main__":
     main()

@@ -39,4 +39,7 @@ def job_from_dict(d: dict) -> StageJob:
     if kind == "fuse":
         from .fuse import FuseJob
         return FuseJob.from_dict(d)
+    if kind == "filter":
+        from .filter import FilterJob
+        return FilterJob.from_dict(d)
     raise UserError(f"a submission record names an unknown stage kind {kind!r}")
