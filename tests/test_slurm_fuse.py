@@ -266,3 +266,26 @@ def test_sigusr2_checkpoints_requeues_and_continues(slurm_cluster, tmp_path):
     assert sum(echo_log_counts(log).values()) - 200 <= 2 * 10
     out_log = next((run / "fuse" / "slurm").rglob("*_log.out")).read_text()
     assert "USR2" in out_log
+
+
+def test_transformers_engine_on_slurm_with_a_tiny_model(slurm_cluster, tmp_path, tiny_llama_dir):
+    """One scenario with a real model: 2 GPU-bound workers (fake GPUs, so CPU torch), the
+    same output as a local run of the same settings."""
+    run = make_run(tmp_path, n=24, per_shard=6)
+    local = make_run(tmp_path, n=24, per_shard=6, name="local")
+    flags = ["--engine", "transformers", "--model", tiny_llama_dir, "--max-new-tokens", 6,
+             "--chunk-size", 3, "--batch-size", 3]
+    capsfus("submit", "fuse", run, *flags, "--nodes", 1, "--gpus-per-node", 2,
+            "--cpus-per-gpu", 1, "--time", "00:10:00", SLURM_CONF=slurm_cluster.conf)
+    wait_jobs(slurm_cluster, run, timeout=240)
+    out, rej = assert_exactly_once(run)
+    capsfus("fuse", local, *flags)
+    ref, _ = assert_exactly_once(local)
+    assert {r["id"].split(":")[1]: r["fused"] for r in out} == \
+        {r["id"].split(":")[1]: r["fused"] for r in ref}
+    summaries = worker_summaries(run)
+    assert len(summaries) == 2
+    assert all(w["engine"]["engine"] == "transformers" for w in summaries)
+    assert {w["cuda_visible_devices"] for w in summaries} == {"0", "1"}
+    cfg = json.loads((run / "fuse" / "config.json").read_text())
+    assert cfg["settings"]["revision"].startswith("local:")
