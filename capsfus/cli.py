@@ -52,6 +52,27 @@ def main():
     """
 
 
+def ingest_with_progress(console, label: str, inputs: list[str], out, rows_per_shard: int,
+                         raw_col, synthetic_col, url_col, id_col, split=None) -> dict:
+    """``ingest.shard`` with a live line of rows read / accepted / rejected (terminals only)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .ingest import shard as do_shard
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=True,
+                  disable=not console.is_terminal) as progress:
+        task = progress.add_task(label, total=None)
+
+        def on_progress(s: dict) -> None:
+            progress.update(task, description=(
+                f"{label} source {s['sources_done']}/{s['sources']} {s['source']}: "
+                f"{s['records']:,} rows read, {s['accepted']:,} accepted, "
+                f"{s['rejected']:,} rejected"))
+
+        return do_shard(inputs, out, rows_per_shard, raw_col, synthetic_col, url_col, id_col,
+                        split, progress=on_progress)
+
+
 # ---------------------------------------------------------------------------------------------
 @main.command(context_settings=CONTEXT)
 @click.argument("inputs", nargs=-1, required=True)
@@ -75,23 +96,10 @@ def shard(inputs, out, rows_per_shard, raw_col, synthetic_col, url_col, id_col, 
     Every input row ends up in a shard or in RUN/input/rejected/ with a reason; rows with no
     synthetic caption are kept and flagged (the caption stage fills them).
     """
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from .ingest import shard as do_shard
     console = _console()
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=console, transient=True,
-                  disable=not console.is_terminal) as progress:
-        task = progress.add_task("reading", total=None)
-
-        def on_progress(s: dict) -> None:
-            progress.update(task, description=(
-                f"source {s['sources_done']}/{s['sources']} {s['source']}: {s['records']:,} rows "
-                f"read, {s['accepted']:,} accepted, {s['rejected']:,} rejected"))
-
-        t0 = time.time()
-        m = do_shard(list(inputs), out, rows_per_shard, raw_col, synthetic_col, url_col, id_col,
-                     split, progress=on_progress)
+    t0 = time.time()
+    m = ingest_with_progress(console, "reading", list(inputs), out, rows_per_shard, raw_col,
+                             synthetic_col, url_col, id_col, split)
     c = m["counts"]
     console.print(f"[bold]{out}[/]: run {m['run_id'][:8]}, layout {m['mapping']['layout']} "
                   f"(raw={m['mapping']['raw']}, synthetic={m['mapping']['synthetic']}, "

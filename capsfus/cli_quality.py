@@ -51,21 +51,9 @@ def _source_options(f):
 def _implicit_shard(console, inputs, out, rows_per_shard, raw_col, synthetic_col, url_col,
                     id_col):
     """``capsfus shard INPUTS --out OUT`` (a no-op when OUT already holds these inputs)."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from .ingest import shard as do_shard
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=console, transient=True,
-                  disable=not console.is_terminal) as progress:
-        task = progress.add_task("sharding", total=None)
-
-        def on_progress(s: dict) -> None:
-            progress.update(task, description=(
-                f"sharding {s['source']}: {s['records']:,} rows read, {s['accepted']:,} "
-                f"accepted, {s['rejected']:,} rejected"))
-
-        m = do_shard(list(inputs), out, rows_per_shard, raw_col, synthetic_col, url_col,
-                     id_col, None, progress=on_progress)
+    from .cli import ingest_with_progress
+    m = ingest_with_progress(console, "sharding", list(inputs), out, rows_per_shard, raw_col,
+                             synthetic_col, url_col, id_col)
     c = m["counts"]
     rejected = sum(c["rejected"].values())
     console.print(f"[bold]{out}[/]: run {m['run_id'][:8]}, {c['accepted']:,} rows in "

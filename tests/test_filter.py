@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from runhelp import assert_exactly_once, capsfus, env, stage_rows, write_rows
+from runhelp import assert_exactly_once, capsfus, stage_rows, write_rows
 
 from capsfus.errors import UserError
 from capsfus.filters import (REGISTRY, Filters, default_config, describe_rules, load_config,
@@ -28,15 +26,7 @@ DROP_RULES = {"empty", "refusal", "prompt_leak", "multiline", "garbage", "repeti
               "concatenation", "truncated", "length", "relative_length"}
 
 
-def cq(*args, check=True, timeout=240, **env_extra) -> subprocess.CompletedProcess:
-    """The real CLI with the filter and stats commands (``python -m capsfus.cli``)."""
-    p = subprocess.run([sys.executable, "-m", "capsfus.cli", *map(str, args)],
-                       capture_output=True, text=True, timeout=timeout, env=env(**env_extra),
-                       cwd=REPO)
-    if check and p.returncode != 0:
-        raise AssertionError(f"capsfus {' '.join(map(str, args))} exited {p.returncode}\n"
-                             f"stdout: {p.stdout[-3000:]}\nstderr: {p.stderr[-3000:]}")
-    return p
+cq = capsfus  # the real CLI in a subprocess
 
 
 F = Filters()

@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from runhelp import (assert_exactly_once, capsfus, echo_log_counts, popen, stage_rows,
-                     write_rows)
+from runhelp import assert_exactly_once, capsfus, echo_log_counts, popen, write_rows
 
 from capsfus.manifest import Run
 from capsfus.stage import StageDir

@@ -4,7 +4,6 @@ do the examples in manifests/."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jsonschema
 from runhelp import REPO, capsfus, write_rows

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest_slurm import slurm_cluster  # noqa: F401  (the session fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(60)]
 

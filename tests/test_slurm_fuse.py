@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest_slurm import slurm_cluster  # noqa: F401
 from runhelp import REPO, assert_exactly_once, capsfus, echo_log_counts, write_rows
 
 from capsfus.executors.slurm import submissions, submitted_job_ids
@@ -109,7 +108,6 @@ def test_scancel_and_kill9_then_resume_redoes_only_unfinished(slurm_cluster, tmp
     # rows of shards done before the resume were not generated again
     done_ids = {r["id"] for r in out if int(r["id"].split(":")[1]) // 20 in done_before}
     assert done_ids
-    import hashlib  # noqa: F401  (prompts are hashed by the echo engine; compare by count)
     assert sum(after.values()) - sum(gen_before.values()) <= (16 - len(done_before)) * 20
     for i in done_before:
         assert states(run)[i]["final"] == before[i]["final"]  # untouched
