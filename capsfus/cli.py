@@ -438,7 +438,10 @@ def _submit_and_report(console, prep, es, manifest, dry_run, max_array_size):
 
 @main.group(context_settings=CONTEXT)
 def submit():
-    """Submit a stage to SLURM: workers are job-array elements that pull shards."""
+    """Submit a stage to SLURM: workers are job-array elements that pull shards.
+
+    `capsfus resume`, `status`, `logs` and `cancel` work the same for every submitted stage
+    (pass --stage filter for the filter stage)."""
 
 
 @submit.command("fuse", context_settings=CONTEXT)
@@ -730,6 +733,40 @@ def demo(out, rows):
     model (SmolLM2-135M-Instruct, CPU) → status → fused rows beside their inputs."""
     from .demo import run_demo
     run_demo(out, rows, _console(stderr=False))
+
+
+@submit.command("filter", context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path())
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="Rules config (default: the built-in rules).")
+@click.option("--fused-col", help="Column holding the fused caption.")
+@click.option("--from-stage", help="Stage to read (default: fuse).")
+@click.option("--tag", help="Name a separate filtering (stage filter@TAG).")
+@click.option("--shards", help="Shards to run (default: all whose input is done).")
+@click.option("--chunk-size", default=5000, show_default=True)
+@click.option("--force", is_flag=True, help="Redo the stage with a changed config.")
+@click.option("--lease-ttl", default=300.0, show_default=True)
+@_executor_options(defaults=True)
+def submit_filter(run_dir, config_file, fused_col, from_stage, tag, shards, chunk_size, force,
+                  lease_ttl, dry_run, max_array_size, **kw):
+    """Filter RUN_DIR on a SLURM cluster (CPU workers are enough: --gpus-per-node 0).
+
+    Same rules and outputs as `capsfus filter`; when the jobs are done, `capsfus filter
+    RUN_DIR` (a no-op for finished shards) prints and writes the report.
+    """
+    from .cli_quality import _filter_job
+    from .executors.local import Prepared, prepare
+    from .executors.slurm import ExecutorSettings
+    console = _console()
+    run, manifest, job, _, selected = _filter_job(
+        console, run_dir, (), None, 100_000, None, None, None, None, fused_col, config_file,
+        from_stage, tag, shards, chunk_size)
+    es = ExecutorSettings(**_executor_kwargs(kw), lease_ttl=lease_ttl)
+    if dry_run:
+        prep = Prepared(job, "dry-run", job.input_stage(run), selected)
+    else:
+        prep = _only_todo(run, prepare(job, selected, force=force))
+    _submit_and_report(console, prep, es, manifest, dry_run, max_array_size)
 
 
 from .cli_quality import filter_cmd, stats_cmd  # noqa: E402  (after main, no cycle)

@@ -173,6 +173,36 @@ def _print_report(console, report: dict, path: Path) -> None:
     console.print(f"report: {path}")
 
 
+def _filter_job(console, run_dir, inputs, out, rows_per_shard, raw_col, synthetic_col, url_col,
+                id_col, fused_col, config_file, from_stage, tag, shards, chunk_size):
+    """(run, manifest, FilterJob, source stage, shards whose input is done)."""
+    from .filters import load_config
+    from .manifest import parse_shard_spec, stage_name
+    from .stage import StageDir
+    from .stages.filter import FilterJob
+    cfg = load_config(config_file)            # config errors before any ingest
+    run = _resolve_run(console, run_dir, inputs, out, rows_per_shard, raw_col,
+                       synthetic_col, url_col, id_col)
+    manifest = run.manifest()
+    job = FilterJob(run_dir=str(run.root), stage=stage_name("filter", tag), config=cfg,
+                    from_stage=from_stage, chunk_size=chunk_size)
+    source = job.input_stage(run)
+    job.fused_col = _fused_col_for(run, source, fused_col, required=True)
+    selected = parse_shard_spec(shards, len(manifest["shards"]))
+    if source != "input":
+        sd = StageDir(run, source)
+        ready = [i for i in selected if (sd.read_state(i) or {}).get("status") == "done"]
+        if not ready:
+            raise UserError(f"no shard of stage {source} is done yet: run it first "
+                            f"(`capsfus status {run.root}`)")
+        if len(ready) < len(selected):
+            console.print(f"[yellow]{len(selected) - len(ready)} shard(s) of {source} are not "
+                          f"done yet: filtering the {len(ready)} done; run filter again "
+                          f"later for the rest[/]")
+        selected = ready
+    return run, manifest, job, source, selected
+
+
 @click.command("filter", context_settings=CONTEXT)
 @click.argument("run_dir", required=False, type=click.Path())
 @_source_options
@@ -209,10 +239,7 @@ def filter_cmd(run_dir, inputs, out, raw_col, synthetic_col, fused_col, url_col,
     """
     from .cli import _console, _print_stage_summary, _setup_console_logging, _StageProgress
     from .executors.local import prepare, run_local
-    from .filters import load_config
-    from .manifest import parse_shard_spec, stage_name
-    from .stage import StageDir
-    from .stages.filter import FilterJob, write_report
+    from .stages.filter import write_report
     console = _console()
     if list_rules:
         _print_rules(console)
@@ -221,27 +248,10 @@ def filter_cmd(run_dir, inputs, out, raw_col, synthetic_col, fused_col, url_col,
         raise UserError("--chunk-size must be at least 1")
     if workers < 1:
         raise UserError("--workers must be at least 1")
-    cfg = load_config(config_file)            # config errors before any ingest
     _setup_console_logging(console)
-    run = _resolve_run(console, run_dir, inputs, out, rows_per_shard, raw_col,
-                       synthetic_col, url_col, id_col)
-    manifest = run.manifest()
-    job = FilterJob(run_dir=str(run.root), stage=stage_name("filter", tag), config=cfg,
-                    from_stage=from_stage, chunk_size=chunk_size)
-    source = job.input_stage(run)
-    job.fused_col = _fused_col_for(run, source, fused_col, required=True)
-    selected = parse_shard_spec(shards, len(manifest["shards"]))
-    if source != "input":
-        sd = StageDir(run, source)
-        ready = [i for i in selected if (sd.read_state(i) or {}).get("status") == "done"]
-        if not ready:
-            raise UserError(f"no shard of stage {source} is done yet: run it first "
-                            f"(`capsfus status {run.root}`)")
-        if len(ready) < len(selected):
-            console.print(f"[yellow]{len(selected) - len(ready)} shard(s) of {source} are not "
-                          f"done yet: filtering the {len(ready)} done; run filter again "
-                          f"later for the rest[/]")
-        selected = ready
+    run, manifest, job, source, selected = _filter_job(
+        console, run_dir, inputs, out, rows_per_shard, raw_col, synthetic_col, url_col, id_col,
+        fused_col, config_file, from_stage, tag, shards, chunk_size)
     prep = prepare(job, selected, force=force)
     console.print(f"[bold]{job.stage}[/] of run {manifest['run_id'][:8]}: {len(selected)} "
                   f"shard(s) from stage {source}, fused captions in `{job.fused_col}`, "

@@ -287,3 +287,19 @@ def test_transformers_engine_on_slurm_with_a_tiny_model(slurm_cluster, tmp_path,
     assert {w["cuda_visible_devices"] for w in summaries} == {"0", "1"}
     cfg = json.loads((run / "fuse" / "config.json").read_text())
     assert cfg["settings"]["revision"].startswith("local:")
+
+
+def test_submit_filter_runs_the_same_machinery(slurm_cluster, tmp_path):
+    """Every stage goes through the same executor: filter on SLURM, then resume of it."""
+    run = make_run(tmp_path, n=60, per_shard=10)
+    capsfus("fuse", run, "--engine", "echo")
+    capsfus("submit", "filter", run, "--nodes", 2, "--gpus-per-node", 0, "--chunk-size", 4,
+            "--time", "00:05:00", SLURM_CONF=slurm_cluster.conf)
+    wait_jobs(slurm_cluster, run, stage="filter")
+    out, rej = assert_exactly_once(run, "filter")
+    assert len(out) + len(rej) == 60
+    p = capsfus("resume", run, "--stage", "filter", SLURM_CONF=slurm_cluster.conf)
+    assert "nothing to resume" in p.stdout + p.stderr
+    capsfus("filter", run)  # finished shards: a no-op that writes the report
+    report = json.loads((run / "filter" / "report.json").read_text())
+    assert report
