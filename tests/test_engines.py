@@ -68,6 +68,7 @@ def test_generate_matches_plain_generate_in_input_order_at_any_batch_size(eng):
     assert [g.text for g in eng.generate(prompts[::-1])] == expected[::-1]
     assert eng.generate(prompts) == eng.generate(prompts)
     assert len({g.text for g in eng.generate(prompts)}) > 1, "outputs should depend on the prompt"
+    assert eng.generate([]) == []
 
 
 def test_rows_ending_at_different_steps_leave_and_are_replaced(tiny_llama_dir):

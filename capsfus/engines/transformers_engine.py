@@ -34,6 +34,9 @@ from .continuous import ContinuousDecoder, SharedPrefix, beam_inputs, supported
 from .hf_tokenizer import HFTokenizerMixin
 
 DEFAULT_MAX_PROMPT_TOKENS = 256
+# Rows in flight. On CPU, SmolLM2-135M on 2 cores runs fastest with 48-96 (docs/benchmarks.md);
+# on a GPU, the out-of-memory fallback halves it for models that do not fit.
+DEFAULT_BATCH_SIZE = 64
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OOM_MESSAGES = ("out of memory", "can't allocate memory")
 
@@ -65,13 +68,6 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def default_batch_size(device: torch.device) -> int:
-    """Rows in flight. 32 on CPU: the fastest of 16-64 with SmolLM2-135M on 2 cores
-    (docs/benchmarks.md); 64 on a GPU, where the out-of-memory fallback finds the limit for
-    models that do not fit."""
-    return 64 if device.type == "cuda" else 32
-
-
 def context_length(config, tokenizer) -> int | None:
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         n = getattr(config, attr, None)
@@ -97,7 +93,7 @@ class TransformersEngine(HFTokenizerMixin, Engine):
             raise UserError(f"cannot load model {spec.model}: {str(e).strip().splitlines()[0]}"
                             ) from None
         self.model = model.to(self.device).eval()
-        self.batch_size = spec.batch_size or default_batch_size(self.device)
+        self.batch_size = spec.batch_size or DEFAULT_BATCH_SIZE
         self._setup_generation()
         self.setup_chat(spec.chat_template, spec.model)
         self.max_prompt_tokens = self._prompt_budget()
@@ -171,6 +167,8 @@ class TransformersEngine(HFTokenizerMixin, Engine):
     def generate(self, prompts: list[str]) -> list[Generation]:
         """Results in input order. Rows finished before an out-of-memory error are kept; the
         rest are retried at half the batch size."""
+        if not prompts:
+            return []
         ids = self.encode(prompts)
         out: list[Generation | None] = [None] * len(prompts)
         while True:
