@@ -773,6 +773,8 @@ from .cli_quality import filter_cmd, stats_cmd  # noqa: E402  (after main, no cy
 
 main.add_command(filter_cmd)
 main.add_command(stats_cmd)
+from .cli_export import export_cmd  # noqa: E402
+main.add_command(export_cmd)
 
 if __name__ == "__main__":
     main()

@@ -296,6 +296,8 @@ def stats_cmd(run_dir, inputs, out, raw_col, synthetic_col, fused_col, url_col, 
     filter`, filter_reasons.png.
 
     On outside rows (e.g. the CapsFusion 10k sample): --input PATH --out DIR [--fused-col C].
+    On a `capsfus export` folder: the same figures per caption source and for the exported
+    `caption` column, and the realised caption mix.
     """
     import json
 
@@ -308,6 +310,10 @@ def stats_cmd(run_dir, inputs, out, raw_col, synthetic_col, fused_col, url_col, 
     console = _console()
     if workers < 1:
         raise UserError("--workers must be at least 1")
+    from .export import is_export_folder
+    if run_dir and not inputs and is_export_folder(run_dir):
+        _export_folder_stats(console, Path(run_dir), approx, hll_precision, as_json)
+        return
     run = _resolve_run(console, run_dir, inputs, out, rows_per_shard, raw_col,
                        synthetic_col, url_col, id_col)
     manifest = run.manifest()
@@ -351,5 +357,50 @@ def stats_cmd(run_dir, inputs, out, raw_col, synthetic_col, fused_col, url_col, 
     console.print(t)
     for name, p in paths.items():
         console.print(f"  {name}: {p}")
+    if as_json:
+        click.echo(json.dumps(stats, indent=1))
+
+
+def _export_folder_stats(console, folder: Path, approx: bool, p: int, as_json: bool) -> None:
+    """``capsfus stats EXPORT_DIR``: per-source figures and the realised caption mix."""
+    import json
+
+    from rich.table import Table
+
+    from .export import SCHEMAS, SUMMARY_FILE
+    from .io import atomic_write_json, read_json
+    from .stats import LABELS, compute_folder_stats
+    summary = read_json(folder / SUMMARY_FILE)
+    names = SCHEMAS.get(summary.get("schema", "capsfus"), {})
+    cols = {f: names.get(f, f) for f in ("raw", "synthetic", "fused")}
+    cols["caption"] = "caption"
+    stats = compute_folder_stats(folder, cols, folder / "stats", approx=approx, p=p)
+    import pyarrow.parquet as pq
+    from collections import Counter
+    used: Counter = Counter()
+    for path in sorted((folder / "data").glob("*.parquet")):
+        if "caption_source" in pq.ParquetFile(path).schema_arrow.names:
+            col = pq.read_table(path, columns=["caption_source"]).column(0).to_pylist()
+            used.update(col)
+    n = sum(used.values())
+    stats["caption_mix"] = {"requested": summary["caption"]["mix"],
+                            "realised": {k: v / n for k, v in sorted(used.items())} if n else {},
+                            "fallbacks": summary["caption"].get("fallbacks", {})}
+    atomic_write_json(folder / "stats" / "stats.json", stats)
+    t = Table(title=f"{stats['rows']:,} rows in {stats['files']} parquet file(s) of {folder}",
+              title_justify="left")
+    for col, just in (("captions", "left"), ("column", "left"), ("rows", "right"),
+                      ("mean words", "right"), ("unique trigrams", "right")):
+        t.add_column(col, justify=just)
+    for f, e in stats["fields"].items():
+        t.add_row(LABELS.get(f, f), str(e["column"]), f"{e['rows']:,}",
+                  f"{e['mean_words']:.2f}" if e["mean_words"] is not None else "-",
+                  f"{e['unique_trigrams']:,}")
+    console.print(t)
+    mix = stats["caption_mix"]
+    console.print("caption mix: requested " + ", ".join(
+        f"{k} {v:.0%}" for k, v in mix["requested"].items()) + "; realised " + ", ".join(
+        f"{k} {v:.2%}" for k, v in mix["realised"].items()))
+    console.print(f"  stats: {folder / 'stats' / 'stats.json'}")
     if as_json:
         click.echo(json.dumps(stats, indent=1))

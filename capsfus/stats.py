@@ -49,6 +49,7 @@ DEFAULT_PRECISION = 14
 MERGE_BUDGET = 1 << 22               # hashes per merge range (32 MB)
 BATCH_ROWS = 20_000
 LABELS = {"raw": "Raw alt-text (LAION-2B)", "synthetic": "Synthetic (LAION-COCO)",
+          "caption": "Exported `caption` (the mix)",
           "fused": "Fused (CapsFusion)"}
 PAPER_TABLE3_MEAN_WORDS = {"raw": 10.95, "synthetic": 8.99, "fused": 22.74}
 PAPER_NAMES = {"raw": "LAION-2B", "synthetic": "LAION-COCO", "fused": "CapsFus-120M"}
@@ -326,6 +327,45 @@ def _percentile(hist: np.ndarray, q: float) -> int | None:
     return int(np.searchsorted(np.cumsum(hist), math.ceil(q * total)))
 
 
+def merge_fields(results: list[dict], columns: dict[str, str | None], cache_dir: Path,
+                 approx: bool, p: int = DEFAULT_PRECISION, budget: int = MERGE_BUDGET,
+                 display: dict[str, str] | None = None) -> dict:
+    """Merges the ``shard_stats`` results of several shards (their trigram runs under
+    ``cache_dir``) into the per-field figures of ``stats.json``."""
+    display = display or {}
+    fields: dict = {}
+    for f in FIELDS + tuple(c for c in columns if c not in FIELDS):
+        if not columns.get(f):
+            continue
+        hist = np.zeros(HIST_MAX + 1, np.int64)
+        captions = words_ = max_words = 0
+        hll = HyperLogLog(p)
+        runs = []
+        for r in results:
+            e = r["fields"][f]
+            captions += e["captions"]
+            words_ += e["words"]
+            max_words = max(max_words, e["max_words"])
+            hist += np.asarray(e["hist"], np.int64)
+            hll.merge(HyperLogLog(p, e["hll"]))
+            if "run_file" in e:
+                runs.append(Path(cache_dir) / e["run_file"])
+        est = hll.estimate()
+        exact = None if approx else count_unique_sorted_runs(runs, budget)
+        fields[f] = {
+            "column": display.get(f) or columns[f], "row_key": columns[f], "rows": captions,
+            "mean_words": words_ / captions if captions else None, "words": words_,
+            "unique_trigrams": exact if exact is not None else round(est),
+            "unique_trigrams_exact": exact, "unique_trigrams_hll": round(est),
+            "hll_relative_error": (est - exact) / exact if exact else None,
+            "median_words": _percentile(hist, 0.5), "p90_words": _percentile(hist, 0.9),
+            "p99_words": _percentile(hist, 0.99), "max_words": max_words,
+            "length_hist": {"bins": f"words per caption 0..{HIST_MAX - 1}, last bin "
+                                    f"{HIST_MAX}+", "counts": hist.tolist()},
+        }
+    return fields
+
+
 def compute_stats(run, stage: str, columns: dict[str, str | None], workers: int = 1,
                   approx: bool = False, p: int = DEFAULT_PRECISION,
                   progress: Callable[[int, int], None] | None = None,
@@ -360,36 +400,8 @@ def compute_stats(run, stage: str, columns: dict[str, str | None], workers: int 
     shards = [i for i in range(n) if results.get(i) is not None]
     if not shards:
         raise UserError(f"stage {stage} of {run.root} has no finished shard to measure")
-    fields: dict = {}
-    for f in FIELDS:
-        if not columns.get(f):
-            continue
-        hist = np.zeros(HIST_MAX + 1, np.int64)
-        captions = words_ = max_words = 0
-        hll = HyperLogLog(p)
-        runs = []
-        for i in shards:
-            e = results[i]["fields"][f]
-            captions += e["captions"]
-            words_ += e["words"]
-            max_words = max(max_words, e["max_words"])
-            hist += np.asarray(e["hist"], np.int64)
-            hll.merge(HyperLogLog(p, e["hll"]))
-            if "run_file" in e:
-                runs.append(cache_dir / e["run_file"])
-        est = hll.estimate()
-        exact = None if approx else count_unique_sorted_runs(runs, budget)
-        fields[f] = {
-            "column": display.get(f) or columns[f], "row_key": columns[f], "rows": captions,
-            "mean_words": words_ / captions if captions else None, "words": words_,
-            "unique_trigrams": exact if exact is not None else round(est),
-            "unique_trigrams_exact": exact, "unique_trigrams_hll": round(est),
-            "hll_relative_error": (est - exact) / exact if exact else None,
-            "median_words": _percentile(hist, 0.5), "p90_words": _percentile(hist, 0.9),
-            "p99_words": _percentile(hist, 0.99), "max_words": max_words,
-            "length_hist": {"bins": f"words per caption 0..{HIST_MAX - 1}, last bin "
-                                    f"{HIST_MAX}+", "counts": hist.tolist()},
-        }
+    fields = merge_fields([results[i] for i in shards], columns, cache_dir, approx, p, budget,
+                          display)
     return {
         "format": "capsfus-stats", "version": STATS_VERSION, "run_id": manifest["run_id"],
         "run_dir": str(run.root), "stage": stage, "shards_measured": len(shards),
@@ -410,6 +422,42 @@ def compute_stats(run, stage: str, columns: dict[str, str | None], workers: int 
     }
 
 
+def compute_folder_stats(folder: Path, columns: dict[str, str | None], work_dir: Path,
+                         approx: bool = False, p: int = DEFAULT_PRECISION) -> dict:
+    """Stats of an export folder (``capsfus export``): one parquet file at a time, merged as
+    for a run's shards. ``columns`` maps field names (raw, synthetic, fused, caption…) to the
+    parquet columns; absent columns are skipped. Hash runs go to ``work_dir`` and are removed
+    afterwards."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    t0 = time.time()
+    files = sorted((Path(folder) / "data").glob("*.parquet"))
+    if not files:
+        raise UserError(f"{folder}: no data/*.parquet files")
+    names = set(pq.ParquetFile(files[0]).schema_arrow.names)
+    columns = {f: c for f, c in columns.items() if c in names}
+    read = list(dict.fromkeys(columns.values()))
+    work = Path(work_dir) / "cache"
+    work.mkdir(parents=True, exist_ok=True)
+    results = []
+    try:
+        for i, path in enumerate(files):
+            pf = pq.ParquetFile(path)
+            rows = (r for b in pf.iter_batches(batch_size=BATCH_ROWS, columns=read)
+                    for r in b.to_pylist())
+            results.append(shard_stats(rows, columns, work / f"{i:05d}", approx, p))
+        fields = merge_fields(results, columns, work, approx, p)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"format": "capsfus-stats", "version": STATS_VERSION, "folder": str(folder),
+            "files": len(files), "rows": sum(r["rows"] for r in results),
+            "mode": "approx" if approx else "exact", "hll_precision": p,
+            "hll_std_error": 1.04 / math.sqrt(1 << p), "fields": fields,
+            "paper_table3_mean_words": PAPER_TABLE3_MEAN_WORDS,
+            "seconds": round(time.time() - t0, 3)}
+
+
 # ------------------------------------------------------------------------------ outputs
 def table3_markdown(stats: dict) -> str:
     lines = [
@@ -428,9 +476,10 @@ def table3_markdown(stats: dict) -> str:
     ]
     for f, e in stats["fields"].items():
         mean = f"{e['mean_words']:.2f}" if e["mean_words"] is not None else "-"
-        lines.append(f"| {LABELS[f]} | `{e['column']}` | {e['rows']:,} | "
-                     f"{e['unique_trigrams']:,} | {mean} | {PAPER_NAMES[f]} "
-                     f"{PAPER_TABLE3_MEAN_WORDS[f]:.2f} |")
+        paper = (f"{PAPER_NAMES[f]} {PAPER_TABLE3_MEAN_WORDS[f]:.2f}" if f in PAPER_NAMES
+                 else "-")
+        lines.append(f"| {LABELS.get(f, f)} | `{e['column']}` | {e['rows']:,} | "
+                     f"{e['unique_trigrams']:,} | {mean} | {paper} |")
     if stats["mode"] == "exact":
         lines += ["", "HyperLogLog check (what `--approx` would report): " + "; ".join(
             f"{f} {e['unique_trigrams_hll']:,} ({e['hll_relative_error']:+.2%})"
@@ -449,7 +498,7 @@ def plot_lengths(stats: dict, path: Path, max_words: int = 80) -> None:
             continue
         share = counts[:max_words + 1] / counts.sum()
         ax.step(np.arange(len(share)), share, where="mid",
-                label=f"{LABELS[f]}: mean {e['mean_words']:.2f}")
+                label=f"{LABELS.get(f, f)}: mean {e['mean_words']:.2f}")
     ax.set_xlabel("words per caption (whitespace tokens)")
     ax.set_ylabel("share of captions")
     ax.set_title(f"Caption lengths, {stats['rows']:,} rows (stage {stats['stage']})")

@@ -1,0 +1,642 @@
+"""``capsfus export``: a run's captions as a Hugging Face dataset folder.
+
+```
+OUT/README.md                          dataset card (hub/dataset_card.md), YAML header parsed by the Hub
+OUT/data/train-00000-of-000NN.parquet  zstd, files <= max_shard_bytes, row groups ~row_group_bytes
+OUT/capsfus-export.json                what was exported, from what, and every count
+OUT/stats/…                            Table-3 statistics of the exported captions, plots
+```
+
+Which rows: the run's last caption stage, ``filter`` when it exists (its kept rows, and the rows
+it dropped with their reasons), else ``fuse``, else ``input``. Rows a stage refused (``fuse``'s
+``no_synthetic``, ``generation_error``…) are read too, so every input row is accounted for: it
+is exported, or counted under the reason it is not (``filter:<rule>``, ``fuse:<reason>``,
+``excluded_id``, ``excluded_url``, ``punsafe``, ``pwatermark``, ``no_caption``). The counts must
+add up to the rows the run accepted at ingest, or the export fails.
+
+The ``caption`` column (issue 8): ``--caption SOURCE`` (default ``fused``) or a mix such as
+``fused=0.6,raw=0.4``. A row's source is drawn from a hash of (seed, id), so the same seed gives
+the same dataset whatever the order of the shards; when the drawn source is missing for that row
+(empty, or the fused caption dropped by the filter) the next source in the fallback order is
+used and the fallback counted. Without a mix, a row with no fused caption is not exported.
+All source columns stay in the parquet, so users can re-mix downstream; in a mix the ``fused``
+column holds only captions the filter kept (``filter_reasons`` says why one is null).
+
+The whole folder is written beside OUT and renamed into place at the end: an interrupted export
+leaves no half dataset behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import UserError
+from .faults import crashpoint
+from .manifest import Run
+from .rows import FUSED, ID, RAW, SYNTHETIC, URL
+
+EXPORT_VERSION = 1
+SUMMARY_FILE = "capsfus-export.json"
+MB = 1_000_000
+# The Hub's advice for parquet datasets: files of at most ~500 MB, row groups of ~100 MB
+# (small enough for the dataset viewer to read one group at a time).
+DEFAULT_MAX_SHARD_BYTES = 500 * MB
+DEFAULT_ROW_GROUP_BYTES = 100 * MB
+
+# Keys the stages add to a row; everything else beside id/raw/synthetic/url/fused is a source
+# column passed through from ingest (LAION's punsafe, pwatermark, similarity, …).
+STAGE_KEYS = {
+    "fused_hit_max_tokens", "raw_truncated",                          # fuse
+    "filter_reasons", "filter_stripped", "fused_raw",                 # filter
+    "reason", "reasons", "details", "detail",                         # any rejected row
+}
+SOURCES = (FUSED, SYNTHETIC, RAW)
+
+# The published CapsFusion-120M column names (DESIGN.md "Rows").
+SCHEMAS = {
+    "capsfus": {},
+    "capsfusion120m": {URL: "image_url", RAW: "laion_2b", SYNTHETIC: "laion_coco",
+                       FUSED: "capsfusion"},
+}
+
+# Caption mixes with the finding behind each (README "Caption mixes").
+MIX_PRESETS = {
+    "lmm": ({FUSED: 1.0},
+            "multimodal LLMs: fused captions alone beat a 1:1 raw/synthetic mix (CapsFusion, "
+            "arXiv 2310.20550)"),
+    "clip": ({SYNTHETIC: 0.55, RAW: 0.45},
+             "CLIP: short synthetic captions mixed with 40-50% original alt-text do best "
+             "(arXiv 2410.02740)"),
+    "balanced": ({FUSED: 0.5, RAW: 0.25, SYNTHETIC: 0.25},
+                 "one dataset for several models: fused captions, with alt-text and synthetic "
+                 "kept for variety (arXiv 2410.02740)"),
+}
+
+
+# ------------------------------------------------------------------------------ options
+def parse_mix(text: str) -> dict[str, float]:
+    """``"fused=0.6,raw=0.4"`` -> {"fused": 0.6, "raw": 0.4} (weights normalised to 1), or a
+    preset name."""
+    if text in MIX_PRESETS:
+        return dict(MIX_PRESETS[text][0])
+    mix: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, value = part.strip().partition("=")
+        try:
+            w = float(value)
+        except ValueError:
+            w = -1.0
+        if not sep or not name.strip() or w < 0 or w != w:
+            raise UserError(f"--mix {text!r}: expected SOURCE=WEIGHT,… (e.g. fused=0.6,raw=0.4) "
+                            f"or a preset ({', '.join(MIX_PRESETS)})")
+        if name.strip() in mix:
+            raise UserError(f"--mix {text!r}: {name.strip()} is named twice")
+        mix[name.strip()] = w
+    total = sum(mix.values())
+    if total <= 0:
+        raise UserError(f"--mix {text!r}: the weights add up to 0")
+    return {k: v / total for k, v in mix.items() if v > 0}
+
+
+@dataclass
+class ExportOptions:
+    schema: str = "capsfus"
+    stage: str | None = None            # None: filter, else fuse, else input
+    mix: dict[str, float] | None = None  # None: the fused caption only, no fallback
+    mix_name: str | None = None
+    fallback: list[str] | None = None   # None: the mix's other sources by weight, then the rest
+    seed: int = 0
+    max_punsafe: float | None = None
+    max_pwatermark: float | None = None
+    exclude: str | None = None          # file of ids or URLs, one per line
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES
+    overwrite: bool = False
+    license: str | None = None
+    pretty_name: str | None = None
+    language: list[str] = field(default_factory=lambda: ["en"])
+    repo_id: str | None = None          # only for the card's loading snippet
+    stats: bool = True
+
+
+# --------------------------------------------------------------------------- the mixer
+def _unit(seed: int, row_id: str) -> float:
+    d = hashlib.blake2b(f"{seed}\x00{row_id}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(d, "big") / 2.0 ** 64
+
+
+class Mixer:
+    """Draws each row's caption source from the mix, deterministically from (seed, id)."""
+
+    def __init__(self, mix: dict[str, float], seed: int, fallback: list[str] | None = None):
+        self.mix = mix
+        self.seed = seed
+        names = sorted(mix, key=lambda k: -mix[k])
+        rest = [s for s in SOURCES if s not in names]
+        self.order = list(fallback) if fallback else names + rest
+        self.cum: list[tuple[float, str]] = []
+        acc = 0.0
+        for name in names:
+            acc += mix[name]
+            self.cum.append((acc, name))
+        self.drawn: Counter = Counter()
+        self.used: Counter = Counter()
+        self.fallbacks: Counter = Counter()   # "drawn->used"
+
+    def draw(self, row_id: str) -> str:
+        u = _unit(self.seed, row_id)
+        for edge, name in self.cum:
+            if u < edge:
+                return name
+        return self.cum[-1][1]
+
+    def choose(self, row_id: str, available: Callable[[str], str | None]) -> tuple[str, str] | None:
+        """(source, caption) for one row, or None when no source has a caption."""
+        drawn = self.draw(row_id)
+        self.drawn[drawn] += 1
+        for name in [drawn] + [s for s in self.order if s != drawn]:
+            text = available(name)
+            if text:
+                self.used[name] += 1
+                if name != drawn:
+                    self.fallbacks[f"{drawn}->{name}"] += 1
+                return name, text
+        return None
+
+
+# --------------------------------------------------------------------------- reading
+@dataclass
+class SourceRow:
+    row: dict
+    fused_ok: bool                      # the fused caption exists and the filter kept it
+    why_not: str | None                 # why there is no usable fused caption
+
+
+def _stage_of(run: Run, stage: str | None) -> str:
+    if stage:
+        if stage != "input" and not (run.root / stage / "config.json").exists():
+            raise UserError(f"--stage {stage}: no such stage in {run.root} (stages: "
+                            f"{', '.join(run.stages()) or 'none'})")
+        return stage
+    for base in ("filter", "fuse"):
+        if (run.root / base / "config.json").exists():
+            return base
+    return "input"
+
+
+def _require_done(sd, shards: int) -> None:
+    states = sd.all_states()
+    todo = [i for i in range(shards) if states.get(i, {}).get("status") != "done"]
+    if todo:
+        raise UserError(
+            f"stage {sd.name}: {len(todo)} of {shards} shard(s) are not done (first: {todo[0]}). "
+            f"Finish them first (`capsfus status {sd.run.root} --stage {sd.name}`, then "
+            f"`capsfus resume`)")
+
+
+class RowReader:
+    """Every accepted input row of a run, once, with what the chosen stage made of it."""
+
+    def __init__(self, run: Run, stage: str):
+        from .stage import StageDir
+        self.run = run
+        self.stage = stage
+        self.manifest = run.manifest()
+        self.n_shards = len(self.manifest["shards"])
+        self.base = stage.split("@")[0]
+        self.fused_key = FUSED
+        self.chain: list[StageDir] = []          # the stage, then the stages it read from
+        name = stage
+        while name != "input":
+            sd = StageDir(run, name)
+            cfg = sd.config() or {}
+            _require_done(sd, self.n_shards)
+            self.chain.append(sd)
+            if name.split("@")[0] == "filter":
+                self.fused_key = (cfg.get("settings") or {}).get("fused_col", FUSED)
+            name = cfg.get("input_stage") or "input"
+        self.has_fused_stage = any(sd.name.split("@")[0] in ("fuse", "filter")
+                                   for sd in self.chain)
+        if self.base == "input":
+            self.fused_key = None
+
+    def describe(self) -> list[dict]:
+        out = []
+        for sd in self.chain:
+            cfg = sd.config() or {}
+            out.append({"stage": sd.name, "input_stage": cfg.get("input_stage"),
+                        "settings": cfg.get("settings"),
+                        "settings_hash": cfg.get("settings_hash")})
+        return out
+
+    def shard_rows(self, shard: int) -> Iterator[SourceRow]:
+        from .stage import input_rows
+        if not self.chain:
+            for row in input_rows(self.run, self.manifest, "input", shard):
+                yield SourceRow(row, False, "no_fused_stage")
+            return
+        top = self.chain[0]
+        fk = self.fused_key
+        for row in top.iter_rows(shard):
+            text = row.get(fk) if fk else None
+            ok = isinstance(text, str) and bool(text.strip())
+            yield SourceRow(row, ok, None if ok else "fused_empty")
+        for row in top.iter_rows(shard, rejected=True):
+            yield SourceRow(row, False, f"{top.name.split('@')[0]}:{row.get('reason', 'unknown')}")
+        # rows an earlier stage refused never reached the top stage
+        for sd in self.chain[1:]:
+            for row in sd.iter_rows(shard, rejected=True):
+                yield SourceRow(row, False,
+                                f"{sd.name.split('@')[0]}:{row.get('reason', 'unknown')}")
+
+
+# --------------------------------------------------------------------------- writing
+def _arrow_type_of(values: list):
+    import pyarrow as pa
+    kinds = {type(v) for v in values if v is not None}
+    if not kinds:
+        return pa.string()
+    if kinds <= {bool}:
+        return pa.bool_()
+    if kinds <= {int}:
+        return pa.int64()
+    if kinds <= {int, float}:
+        return pa.float64()
+    if kinds <= {str}:
+        return pa.string()
+    if kinds <= {list}:
+        return pa.list_(pa.string())
+    return pa.string()        # mixed or nested: JSON text
+
+
+class ParquetShards:
+    """Writes rows into numbered parquet files of at most ``max_bytes`` (checked after each
+    row group), each row group holding about ``row_group_bytes`` of uncompressed data. Files
+    get their final ``train-XXXXX-of-YYYYY`` names in ``finish()``."""
+
+    def __init__(self, folder: Path, schema, max_bytes: int, row_group_bytes: int):
+        self.folder = folder
+        self.schema = schema
+        self.max_bytes = max_bytes
+        self.row_group_bytes = row_group_bytes
+        self.rows_per_group: int | None = None
+        self.buf: list[dict] = []
+        self.parts: list[dict] = []
+        self.writer = None
+        self.coerced: Counter = Counter()
+
+    def add(self, row: dict) -> None:
+        self.buf.append(row)
+        if self.rows_per_group is None and len(self.buf) >= 256:
+            self._size_groups()
+        if self.rows_per_group is not None and len(self.buf) >= self.rows_per_group:
+            self._flush()
+
+    def _size_groups(self) -> None:
+        table = self._table(self.buf)
+        per_row = max(1, table.nbytes // max(1, table.num_rows))
+        self.rows_per_group = max(1, self.row_group_bytes // per_row)
+
+    def _column(self, name: str, typ, values: list):
+        """One column; a value that does not fit the column's type becomes null and is
+        counted (passthrough columns only: caption columns are always strings)."""
+        import json
+
+        import pyarrow as pa
+        try:
+            return pa.array(values, type=typ)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+            pass
+        fixed = []
+        for v in values:
+            if v is None:
+                fixed.append(None)
+            elif pa.types.is_string(typ):
+                fixed.append(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))
+            elif pa.types.is_floating(typ) and isinstance(v, (int, float)) \
+                    and not isinstance(v, bool):
+                fixed.append(float(v))
+            elif pa.types.is_integer(typ) and isinstance(v, float) and v.is_integer():
+                fixed.append(int(v))
+            else:
+                try:
+                    pa.array([v], type=typ)
+                    fixed.append(v)
+                except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+                    fixed.append(None)
+                    self.coerced[name] += 1
+        return pa.array(fixed, type=typ)
+
+    def _table(self, rows: list[dict]):
+        import pyarrow as pa
+        cols = [self._column(f.name, f.type, [r.get(f.name) for r in rows])
+                for f in self.schema]
+        return pa.Table.from_arrays(cols, schema=self.schema)
+
+    def _open(self) -> None:
+        import pyarrow.parquet as pq
+        path = self.folder / f"part-{len(self.parts):05d}.parquet.tmp"
+        self.writer = pq.ParquetWriter(str(path), self.schema, compression="zstd")
+        self.parts.append({"tmp": path, "rows": 0})
+
+    def _flush(self) -> None:
+        if not self.buf:
+            return
+        if self.writer is None:
+            self._open()
+        table = self._table(self.buf)
+        self.writer.write_table(table, row_group_size=len(self.buf))
+        self.parts[-1]["rows"] += len(self.buf)
+        self.buf = []
+        crashpoint("export_row_group")
+        if self.parts[-1]["tmp"].stat().st_size >= self.max_bytes:  # unbuffered native file
+            self._close()
+
+    def _close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            fd = os.open(self.parts[-1]["tmp"], os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.writer = None
+
+    def finish(self) -> list[dict]:
+        from .io import sha256_file
+        if self.rows_per_group is None and self.buf:
+            self._size_groups()
+        self._flush()
+        self._close()
+        if not self.parts:          # no row at all: one empty file keeps the layout loadable
+            self._open()
+            self.writer.write_table(self._table([]))
+            self._close()
+        n = len(self.parts)
+        files = []
+        for i, part in enumerate(self.parts):
+            final = self.folder / f"train-{i:05d}-of-{n:05d}.parquet"
+            part["tmp"].replace(final)
+            files.append({"file": f"data/{final.name}", "rows": part["rows"],
+                          "bytes": final.stat().st_size, "sha256": sha256_file(final)})
+        return files
+
+
+# --------------------------------------------------------------------------- export
+def _load_exclusions(path: str | None) -> tuple[set[str], set[str]]:
+    if not path:
+        return set(), set()
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise UserError(f"--exclude {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--exclude {path}: not UTF-8 text (one id or URL per line)") from None
+    ids, urls = set(), set()
+    for line in lines:
+        v = line.strip()
+        if not v or v.startswith("#"):
+            continue
+        (urls if "://" in v else ids).add(v)
+    return ids, urls
+
+
+def _passthrough_columns(reader: RowReader, fused_key: str | None) -> list[str]:
+    """Source columns, from the first shard's rows (in order of first appearance)."""
+    skip = {ID, RAW, SYNTHETIC, URL, FUSED} | STAGE_KEYS
+    if fused_key:
+        skip.add(fused_key)
+    seen: dict[str, None] = {}
+    for i in range(reader.n_shards):
+        for n, sr in enumerate(reader.shard_rows(i)):
+            for k in sr.row:
+                if k not in skip:
+                    seen.setdefault(k, None)
+            if n >= 10_000:
+                break
+        if seen or i >= 1:
+            break
+    return list(seen)
+
+
+def _threshold(row: dict, key: str, limit: float | None) -> bool:
+    """True when the row is over ``limit`` for ``key`` (a missing value is not over)."""
+    if limit is None:
+        return False
+    v = row.get(key)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > limit
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
+               options: ExportOptions | None = None,
+               progress: Callable[[int, int], None] | None = None) -> dict:
+    """Writes the HF dataset folder ``out_dir`` from the run; returns the summary (also
+    written to ``OUT/capsfus-export.json``)."""
+    import pyarrow as pa
+
+    from . import __version__
+    from .io import atomic_write_json
+    opts = options or ExportOptions()
+    if opts.schema not in SCHEMAS:
+        raise UserError(f"--schema {opts.schema!r}: one of {', '.join(SCHEMAS)}")
+    if opts.max_shard_bytes < 1 or opts.row_group_bytes < 1:
+        raise UserError("--max-shard-mb and --row-group-mb must be positive")
+    t0 = time.time()
+    run = Run(Path(run_dir))
+    manifest = run.manifest()
+    stage = _stage_of(run, opts.stage)
+    reader = RowReader(run, stage)
+    out = Path(out_dir).resolve()
+    if out.exists() and any(out.iterdir()) and not opts.overwrite:
+        raise UserError(f"{out} exists and is not empty: choose another --out or pass "
+                        f"--overwrite")
+    mixing = opts.mix is not None
+    if not mixing and not reader.has_fused_stage and reader.fused_key is None:
+        raise UserError(f"{run.root} has no fused captions (no fuse or filter stage): run "
+                        f"`capsfus fuse` first, or export another caption with --caption raw "
+                        f"or --mix")
+    mix = opts.mix if mixing else {FUSED: 1.0}
+    mixer = Mixer(mix, opts.seed, opts.fallback)
+    for name in list(mix) + (opts.fallback or []):
+        if name not in SOURCES and not name.isidentifier():
+            raise UserError(f"caption source {name!r}: use fused, raw, synthetic or a column "
+                            f"name")
+    ex_ids, ex_urls = _load_exclusions(opts.exclude)
+    names = SCHEMAS[opts.schema]
+    fk = reader.fused_key
+    passthrough = [c for c in _passthrough_columns(reader, fk) if c not in names.values()]
+
+    # the schema: caption columns are strings; passthrough types from the first rows
+    sample: dict[str, list] = {c: [] for c in passthrough}
+    for n, sr in enumerate(reader.shard_rows(0) if reader.n_shards else []):
+        for c in passthrough:
+            sample[c].append(sr.row.get(c))
+        if n >= 10_000:
+            break
+    core = [ID, URL, RAW, SYNTHETIC, FUSED] if opts.schema == "capsfus" else \
+        [URL, RAW, SYNTHETIC, FUSED, ID]
+    fields = [pa.field(names.get(c, c), pa.string()) for c in core]
+    fields += [pa.field("caption", pa.string()), pa.field("caption_source", pa.string())]
+    if mixing and reader.has_fused_stage:
+        fields.append(pa.field("filter_reasons", pa.list_(pa.string())))
+    fields += [pa.field(c, _arrow_type_of(sample[c])) for c in passthrough]
+    schema = pa.schema(fields)
+
+    _remove_dead_partials(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "data").mkdir(parents=True)
+    writer = ParquetShards(tmp / "data", schema, opts.max_shard_bytes, opts.row_group_bytes)
+    excluded: Counter = Counter()
+    seen = exported = 0
+    total = sum(s["rows"] for s in manifest["shards"])
+    for shard in range(reader.n_shards):
+        for sr in reader.shard_rows(shard):
+            seen += 1
+            row = sr.row
+            rid = str(row.get(ID))
+            if rid in ex_ids:
+                excluded["excluded_id"] += 1
+                continue
+            if row.get(URL) and row[URL] in ex_urls:
+                excluded["excluded_url"] += 1
+                continue
+            if _threshold(row, "punsafe", opts.max_punsafe):
+                excluded["punsafe"] += 1
+                continue
+            if _threshold(row, "pwatermark", opts.max_pwatermark):
+                excluded["pwatermark"] += 1
+                continue
+            fused_text = row.get(fk) if (fk and sr.fused_ok) else None
+
+            def available(name: str, row=row, fused_text=fused_text) -> str | None:
+                v = fused_text if name == FUSED else row.get(name)
+                return v if isinstance(v, str) and v.strip() else None
+
+            if mixing:
+                picked = mixer.choose(rid, available)
+                if picked is None:
+                    excluded["no_caption"] += 1
+                    continue
+            else:
+                if fused_text is None:
+                    excluded[sr.why_not or "fused_empty"] += 1
+                    continue
+                mixer.drawn[FUSED] += 1
+                mixer.used[FUSED] += 1
+                picked = (FUSED, fused_text)
+            rec = {names.get(ID, ID): rid, names.get(URL, URL): row.get(URL),
+                   names.get(RAW, RAW): row.get(RAW),
+                   names.get(SYNTHETIC, SYNTHETIC): row.get(SYNTHETIC),
+                   names.get(FUSED, FUSED): fused_text,
+                   "caption": picked[1], "caption_source": picked[0]}
+            if mixing and reader.has_fused_stage:
+                rec["filter_reasons"] = list(row.get("reasons") or row.get("filter_reasons")
+                                             or ([sr.why_not] if sr.why_not and
+                                                 not sr.why_not.startswith("filter:") else []))
+            for c in passthrough:
+                rec[c] = row.get(c)
+            writer.add(rec)
+            exported += 1
+        if progress:
+            progress(seen, total)
+    files = writer.finish()
+    accepted = manifest.get("counts", {}).get("accepted", total)
+    if seen != total or exported + sum(excluded.values()) != seen:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"the run's stages hold {seen:,} rows but its shards list "
+                        f"{total:,}: the run is inconsistent (check `capsfus status "
+                        f"{run.root}`); nothing was exported")
+    if sum(f["rows"] for f in files) != exported:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError("parquet row count does not match the rows exported")
+
+    realised = {k: v / exported for k, v in sorted(mixer.used.items())} if exported else {}
+    summary = {
+        "format": "capsfus-export", "version": EXPORT_VERSION, "capsfus_version": __version__,
+        "run_id": manifest["run_id"], "run_dir": str(run.root), "stage": stage,
+        "stages": reader.describe(), "schema": opts.schema,
+        "columns": [f.name for f in schema], "passthrough_columns": passthrough,
+        "caption": {"mix": mix, "mix_name": opts.mix_name, "seed": opts.seed,
+                    "fallback_order": mixer.order, "drawn": dict(mixer.drawn),
+                    "used": dict(mixer.used), "realised_shares": realised,
+                    "fallbacks": dict(mixer.fallbacks)},
+        "rows": {"ingested_records": manifest.get("counts", {}).get("records"),
+                 "rejected_at_ingest": manifest.get("counts", {}).get("rejected", {}),
+                 "accepted": accepted, "read": seen, "exported": exported,
+                 "excluded": dict(sorted(excluded.items()))},
+        "safety": {"max_punsafe": opts.max_punsafe, "max_pwatermark": opts.max_pwatermark,
+                   "exclusion_list": {"ids": len(ex_ids), "urls": len(ex_urls)}
+                   if opts.exclude else None},
+        "coerced_values": dict(writer.coerced),
+        "files": files, "bytes": sum(f["bytes"] for f in files),
+        "max_shard_bytes": opts.max_shard_bytes, "row_group_bytes": opts.row_group_bytes,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if opts.stats and exported:
+        summary["stats"] = _export_stats(tmp, schema, names)
+    from .hub.dataset_card import render_dataset_card
+    card = render_dataset_card(run, summary, opts, tmp)
+    (tmp / "README.md").write_text(card, encoding="utf-8")
+    summary["seconds"] = round(time.time() - t0, 3)
+    atomic_write_json(tmp / SUMMARY_FILE, summary)
+    crashpoint("export_before_swap")
+    _swap_into_place(tmp, out)
+    return summary
+
+
+def _remove_dead_partials(out: Path) -> None:
+    """Removes what killed exports to ``out`` left behind (their pid is gone)."""
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+            if pid != os.getpid():
+                continue          # another export of the same folder is running
+        except (ValueError, ProcessLookupError):
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    from .io import _fsync_dir
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.replace(old)
+    tmp.replace(out)
+    _fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def iter_export_rows(folder: Path, columns: list[str] | None = None) -> Iterator[dict]:
+    """The rows of an export folder's parquet files, in file order."""
+    import pyarrow.parquet as pq
+    for path in sorted((Path(folder) / "data").glob("*.parquet")):
+        pf = pq.ParquetFile(path)
+        for batch in pf.iter_batches(batch_size=20_000, columns=columns):
+            yield from batch.to_pylist()
+
+
+def _export_stats(folder: Path, schema, names: dict) -> dict:
+    """Table-3 figures of the exported captions (raw, synthetic, fused and the mixed
+    ``caption`` column), per source and for the mix."""
+    from .stats import compute_folder_stats
+    cols = {"raw": names.get(RAW, RAW), "synthetic": names.get(SYNTHETIC, SYNTHETIC),
+            "fused": names.get(FUSED, FUSED), "caption": "caption"}
+    return compute_folder_stats(folder, cols, folder / "stats")
+
+
+def is_export_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / SUMMARY_FILE).exists()
