@@ -620,15 +620,6 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def iter_export_rows(folder: Path, columns: list[str] | None = None) -> Iterator[dict]:
-    """The rows of an export folder's parquet files, in file order."""
-    import pyarrow.parquet as pq
-    for path in sorted((Path(folder) / "data").glob("*.parquet")):
-        pf = pq.ParquetFile(path)
-        for batch in pf.iter_batches(batch_size=20_000, columns=columns):
-            yield from batch.to_pylist()
-
-
 def _export_stats(folder: Path, schema, names: dict) -> dict:
     """Table-3 figures of the exported captions (raw, synthetic, fused and the mixed
     ``caption`` column), per source and for the mix."""
