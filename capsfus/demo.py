@@ -129,8 +129,25 @@ def run_demo(out: str, n_rows: int, console) -> None:
         if shown == 4:
             break
     console.print(table)
+    console.rule("5. filter")
+    from .stages.filter import FilterJob, write_report
+    run_local(prepare(FilterJob(run_dir=str(out_dir)), None))
+    rep = write_report(Run(out_dir))
+    reasons = ", ".join(f"{r['code']} {r['rows']}" for r in rep["rules"] if r["rows"])
+    console.print(f"kept {rep['kept']} of {rep['rows']} fused captions ({reasons or 'none hit'})")
+
+    console.rule("6. export (a Hugging Face dataset folder, caption mix `balanced`)")
+    from .export import ExportOptions, export_run, parse_mix
+    exp_dir = out_dir / "export"
+    summary = export_run(out_dir, exp_dir, ExportOptions(mix=parse_mix("balanced"),
+                                                         mix_name="balanced"))
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in summary["caption"]["realised_shares"].items())
+    console.print(f"{exp_dir}: {summary['rows']['exported']} rows in "
+                  f"{len(summary['files'])} parquet file(s) + README.md card; caption sources "
+                  f"{shares}; fallbacks {summary['caption']['fallbacks'] or 'none'}")
     console.print(f"Done in {time.time() - t0:.0f}s. Look around: `capsfus status {out_dir}`, "
-                  f"`capsfus cat {out_dir} --stage fuse | head`.")
+                  f"`capsfus cat {out_dir} --stage filter --rejected | head`, "
+                  f"`datasets.load_dataset(\"{exp_dir}\")`.")
     console.print("[bold]Honest note:[/] a 135M model zero-shot does not really fuse (it "
                   "mostly echoes or rephrases one sentence); a real run uses a fusion-finetuned "
                   "model such as BAAI/CapsFus-LLaMA (13B) on GPUs with --engine vllm, through "
