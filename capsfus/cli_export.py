@@ -60,9 +60,12 @@ def _mix_presets_help() -> str:
               help="Uncompressed size of a parquet row group.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--no-stats", is_flag=True, help="Skip the Table-3 statistics of the export.")
+@click.option("--workers", default=1, show_default=True,
+              help="Processes, each exporting a contiguous group of the run's shards (each "
+                   "group's last parquet file is a partial one).")
 def export_cmd(run_dir, out, schema, stage_opt, caption_src, mix_text, fallback, seed,
                max_punsafe, max_pwatermark, exclude_file, license_id, pretty_name, repo_id,
-               language, max_shard_mb, row_group_mb, overwrite, no_stats):
+               language, max_shard_mb, row_group_mb, overwrite, no_stats, workers):
     """Write RUN_DIR's captions as a Hugging Face dataset folder that
     `datasets.load_dataset(OUT)` reads, ready for `capsfus push dataset`.
 
@@ -76,6 +79,8 @@ def export_cmd(run_dir, out, schema, stage_opt, caption_src, mix_text, fallback,
     from .cli import _console
     from .export import MIX_PRESETS, ExportOptions, export_run, parse_mix
     console = _console()
+    if workers < 1:
+        raise UserError("--workers must be at least 1")
     if caption_src and mix_text:
         raise UserError("give --caption or --mix, not both")
     mix = mix_name = None
@@ -91,7 +96,8 @@ def export_cmd(run_dir, out, schema, stage_opt, caption_src, mix_text, fallback,
         exclude=exclude_file, max_shard_bytes=int(max_shard_mb * 1e6),
         row_group_bytes=int(row_group_mb * 1e6), overwrite=overwrite, license=license_id,
         pretty_name=pretty_name, repo_id=repo_id,
-        language=[x.strip() for x in language.split(",") if x.strip()], stats=not no_stats)
+        language=[x.strip() for x in language.split(",") if x.strip()], stats=not no_stats,
+        workers=workers)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   console=console, transient=True,
                   disable=not console.is_terminal) as progress:

@@ -124,6 +124,7 @@ class ExportOptions:
     language: list[str] = field(default_factory=lambda: ["en"])
     repo_id: str | None = None          # only for the card's loading snippet
     stats: bool = True
+    workers: int = 1                    # processes, each exporting a contiguous run of shards
 
 
 # --------------------------------------------------------------------------- the mixer
@@ -281,8 +282,10 @@ class ParquetShards:
     row group), each row group holding about ``row_group_bytes`` of uncompressed data. Files
     get their final ``train-XXXXX-of-YYYYY`` names in ``finish()``."""
 
-    def __init__(self, folder: Path, schema, max_bytes: int, row_group_bytes: int):
+    def __init__(self, folder: Path, schema, max_bytes: int, row_group_bytes: int,
+                 prefix: str = ""):
         self.folder = folder
+        self.prefix = prefix
         self.schema = schema
         self.max_bytes = max_bytes
         self.row_group_bytes = row_group_bytes
@@ -342,7 +345,7 @@ class ParquetShards:
 
     def _open(self) -> None:
         import pyarrow.parquet as pq
-        path = self.folder / f"part-{len(self.parts):05d}.parquet.tmp"
+        path = self.folder / f"{self.prefix}part-{len(self.parts):05d}.parquet.tmp"
         self.writer = pq.ParquetWriter(str(path), self.schema, compression="zstd")
         self.parts.append({"tmp": path, "rows": 0})
 
@@ -370,23 +373,26 @@ class ParquetShards:
             self.writer = None
 
     def finish(self) -> list[dict]:
-        from .io import sha256_file
+        """The parts written, in order: [{"tmp": path, "rows": n}]."""
         if self.rows_per_group is None and self.buf:
             self._size_groups()
         self._flush()
         self._close()
-        if not self.parts:          # no row at all: one empty file keeps the layout loadable
-            self._open()
-            self.writer.write_table(self._table([]))
-            self._close()
-        n = len(self.parts)
-        files = []
-        for i, part in enumerate(self.parts):
-            final = self.folder / f"train-{i:05d}-of-{n:05d}.parquet"
-            part["tmp"].replace(final)
-            files.append({"file": f"data/{final.name}", "rows": part["rows"],
-                          "bytes": final.stat().st_size, "sha256": sha256_file(final)})
-        return files
+        return self.parts
+
+
+def _name_parts(parts: list[dict]) -> list[dict]:
+    """Renames the parts, in order, to ``train-XXXXX-of-YYYYY.parquet``."""
+    from .io import sha256_file
+    n = len(parts)
+    files = []
+    for i, part in enumerate(parts):
+        tmp = Path(part["tmp"])
+        final = tmp.parent / f"train-{i:05d}-of-{n:05d}.parquet"
+        tmp.replace(final)
+        files.append({"file": f"data/{final.name}", "rows": part["rows"],
+                      "bytes": final.stat().st_size, "sha256": sha256_file(final)})
+    return files
 
 
 # --------------------------------------------------------------------------- export
@@ -494,25 +500,168 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "data").mkdir(parents=True)
-    writer = ParquetShards(tmp / "data", schema, opts.max_shard_bytes, opts.row_group_bytes)
+    total = sum(s["rows"] for s in manifest["shards"])
+    stats_cols = {"raw": names.get(RAW, RAW), "synthetic": names.get(SYNTHETIC, SYNTHETIC),
+                  "fused": names.get(FUSED, FUSED), "caption": "caption"}
+    plan = _Plan(run_dir=str(run.root), stage=stage, folder=str(tmp), schema=schema,
+                 names=names, passthrough=passthrough, fused_key=fk, mixing=mixing,
+                 with_reasons=mixing and reader.has_fused_stage, mix=mix, seed=opts.seed,
+                 fallback=opts.fallback, ex_ids=ex_ids, ex_urls=ex_urls,
+                 max_punsafe=opts.max_punsafe, max_pwatermark=opts.max_pwatermark,
+                 max_shard_bytes=opts.max_shard_bytes, row_group_bytes=opts.row_group_bytes,
+                 stats_columns=stats_cols if opts.stats else None)
+    results = _run_groups(plan, reader.n_shards, opts.workers, total, progress)
     excluded: Counter = Counter()
     seen = exported = 0
-    total = sum(s["rows"] for s in manifest["shards"])
-    for shard in range(reader.n_shards):
+    coerced: Counter = Counter()
+    for r in results:
+        seen += r["seen"]
+        exported += r["exported"]
+        excluded.update(r["excluded"])
+        coerced.update(r["coerced"])
+        mixer.drawn.update(r["drawn"])
+        mixer.used.update(r["used"])
+        mixer.fallbacks.update(r["fallbacks"])
+    parts = [p for r in results for p in r["parts"]]
+    if seen != total or exported + sum(excluded.values()) != seen:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"the run's stages hold {seen:,} rows but its shards list "
+                        f"{total:,}: the run is inconsistent (check `capsfus status "
+                        f"{run.root}`); nothing was exported")
+    if sum(p["rows"] for p in parts) != exported:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError("parquet row count does not match the rows exported")
+    if not parts:       # no row at all: one empty file keeps the layout loadable
+        empty = ParquetShards(tmp / "data", schema, 1, 1, prefix="empty-")
+        empty._open()
+        empty.writer.write_table(empty._table([]))
+        empty._close()
+        parts = empty.parts
+    files = _name_parts(parts)
+    accepted = manifest.get("counts", {}).get("accepted", total)
+    realised = {k: v / exported for k, v in sorted(mixer.used.items())} if exported else {}
+    summary = {
+        "format": "capsfus-export", "version": EXPORT_VERSION, "capsfus_version": __version__,
+        "run_id": manifest["run_id"], "run_dir": str(run.root), "stage": stage,
+        "stages": reader.describe(), "schema": opts.schema,
+        "columns": [f.name for f in schema], "passthrough_columns": passthrough,
+        "caption": {"mix": mix, "mix_name": opts.mix_name, "seed": opts.seed,
+                    "fallback_order": mixer.order, "drawn": dict(mixer.drawn),
+                    "used": dict(mixer.used), "realised_shares": realised,
+                    "fallbacks": dict(mixer.fallbacks)},
+        "rows": {"ingested_records": manifest.get("counts", {}).get("records"),
+                 "rejected_at_ingest": manifest.get("counts", {}).get("rejected", {}),
+                 "accepted": accepted, "read": seen, "exported": exported,
+                 "excluded": dict(sorted(excluded.items()))},
+        "safety": {"max_punsafe": opts.max_punsafe, "max_pwatermark": opts.max_pwatermark,
+                   "exclusion_list": {"ids": len(ex_ids), "urls": len(ex_urls)}
+                   if opts.exclude else None},
+        "coerced_values": dict(coerced), "workers": opts.workers,
+        "files": files, "bytes": sum(f["bytes"] for f in files),
+        "max_shard_bytes": opts.max_shard_bytes, "row_group_bytes": opts.row_group_bytes,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if opts.stats and exported:
+        from .stats import merge_fields
+        st = [x for r in results for x in r["stats"]]
+        summary["stats"] = {"rows": exported, "files": len(files), "mode": "exact",
+                            "fields": merge_fields(st, {f: c for f, c in stats_cols.items()
+                                                        if c in schema.names},
+                                                   tmp / "stats-cache", approx=False)}
+        shutil.rmtree(tmp / "stats-cache", ignore_errors=True)
+    from .hub.dataset_card import render_dataset_card
+    card = render_dataset_card(run, summary, opts, tmp)
+    (tmp / "README.md").write_text(card, encoding="utf-8")
+    summary["seconds"] = round(time.time() - t0, 3)
+    atomic_write_json(tmp / SUMMARY_FILE, summary)
+    crashpoint("export_before_swap")
+    _swap_into_place(tmp, out)
+    return summary
+
+
+@dataclass
+class _Plan:
+    """What every export worker needs: plain, picklable."""
+    run_dir: str
+    stage: str
+    folder: str
+    schema: object
+    names: dict
+    passthrough: list
+    fused_key: str | None
+    mixing: bool
+    with_reasons: bool
+    mix: dict
+    seed: int
+    fallback: list | None
+    ex_ids: set
+    ex_urls: set
+    max_punsafe: float | None
+    max_pwatermark: float | None
+    max_shard_bytes: int
+    row_group_bytes: int
+    stats_columns: dict | None
+
+
+def _run_groups(plan: _Plan, n_shards: int, workers: int, total: int,
+                progress: Callable[[int, int], None] | None) -> list[dict]:
+    """Exports the run's shards in contiguous groups: in this process when ``workers`` is 1
+    (one group, so files are as full as they can be), else in a process pool with about four
+    groups per worker (each group's last file is a partial one)."""
+    if workers <= 1 or n_shards <= 1:
+        done = [0]
+
+        def tick(rows: int) -> None:
+            done[0] += rows
+            if progress:
+                progress(done[0], total)
+        return [_export_group(plan, 0, list(range(n_shards)), tick)]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    k = min(n_shards, workers * 4)
+    bounds = [round(i * n_shards / k) for i in range(k + 1)]
+    groups = [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
+    results: dict[int, dict] = {}
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+        futs = {ex.submit(_export_group, plan, i, g, None): i for i, g in enumerate(groups)}
+        seen = 0
+        for f in as_completed(futs):
+            results[futs[f]] = f.result()
+            seen += results[futs[f]]["seen"]
+            if progress:
+                progress(seen, total)
+    return [results[i] for i in range(k)]
+
+
+def _export_group(plan: _Plan, index: int, shards: list[int],
+                  tick: Callable[[int], None] | None) -> dict:
+    """Exports ``shards`` into parts ``g<index>-part-*.parquet.tmp``; returns its counts and,
+    when asked, the Table-3 stats of each part."""
+    from .stats import shard_stats
+    run = Run(Path(plan.run_dir))
+    reader = RowReader(run, plan.stage)
+    names, fk, mixing = plan.names, plan.fused_key, plan.mixing
+    mixer = Mixer(plan.mix, plan.seed, plan.fallback)
+    writer = ParquetShards(Path(plan.folder) / "data", plan.schema, plan.max_shard_bytes,
+                           plan.row_group_bytes, prefix=f"g{index:05d}-")
+    excluded: Counter = Counter()
+    seen = exported = 0
+    for shard in shards:
+        before = seen
         for sr in reader.shard_rows(shard):
             seen += 1
             row = sr.row
             rid = str(row.get(ID))
-            if rid in ex_ids:
+            if rid in plan.ex_ids:
                 excluded["excluded_id"] += 1
                 continue
-            if row.get(URL) and row[URL] in ex_urls:
+            if row.get(URL) and row[URL] in plan.ex_urls:
                 excluded["excluded_url"] += 1
                 continue
-            if _threshold(row, "punsafe", opts.max_punsafe):
+            if _threshold(row, "punsafe", plan.max_punsafe):
                 excluded["punsafe"] += 1
                 continue
-            if _threshold(row, "pwatermark", opts.max_pwatermark):
+            if _threshold(row, "pwatermark", plan.max_pwatermark):
                 excluded["pwatermark"] += 1
                 continue
             fused_text = row.get(fk) if (fk and sr.fused_ok) else None
@@ -538,59 +687,33 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
                    names.get(SYNTHETIC, SYNTHETIC): row.get(SYNTHETIC),
                    names.get(FUSED, FUSED): fused_text,
                    "caption": picked[1], "caption_source": picked[0]}
-            if mixing and reader.has_fused_stage:
+            if plan.with_reasons:
                 rec["filter_reasons"] = list(row.get("reasons") or row.get("filter_reasons")
                                              or ([sr.why_not] if sr.why_not and
                                                  not sr.why_not.startswith("filter:") else []))
-            for c in passthrough:
+            for c in plan.passthrough:
                 rec[c] = row.get(c)
             writer.add(rec)
             exported += 1
-        if progress:
-            progress(seen, total)
-    files = writer.finish()
-    accepted = manifest.get("counts", {}).get("accepted", total)
-    if seen != total or exported + sum(excluded.values()) != seen:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"the run's stages hold {seen:,} rows but its shards list "
-                        f"{total:,}: the run is inconsistent (check `capsfus status "
-                        f"{run.root}`); nothing was exported")
-    if sum(f["rows"] for f in files) != exported:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError("parquet row count does not match the rows exported")
-
-    realised = {k: v / exported for k, v in sorted(mixer.used.items())} if exported else {}
-    summary = {
-        "format": "capsfus-export", "version": EXPORT_VERSION, "capsfus_version": __version__,
-        "run_id": manifest["run_id"], "run_dir": str(run.root), "stage": stage,
-        "stages": reader.describe(), "schema": opts.schema,
-        "columns": [f.name for f in schema], "passthrough_columns": passthrough,
-        "caption": {"mix": mix, "mix_name": opts.mix_name, "seed": opts.seed,
-                    "fallback_order": mixer.order, "drawn": dict(mixer.drawn),
-                    "used": dict(mixer.used), "realised_shares": realised,
-                    "fallbacks": dict(mixer.fallbacks)},
-        "rows": {"ingested_records": manifest.get("counts", {}).get("records"),
-                 "rejected_at_ingest": manifest.get("counts", {}).get("rejected", {}),
-                 "accepted": accepted, "read": seen, "exported": exported,
-                 "excluded": dict(sorted(excluded.items()))},
-        "safety": {"max_punsafe": opts.max_punsafe, "max_pwatermark": opts.max_pwatermark,
-                   "exclusion_list": {"ids": len(ex_ids), "urls": len(ex_urls)}
-                   if opts.exclude else None},
-        "coerced_values": dict(writer.coerced),
-        "files": files, "bytes": sum(f["bytes"] for f in files),
-        "max_shard_bytes": opts.max_shard_bytes, "row_group_bytes": opts.row_group_bytes,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    if opts.stats and exported:
-        summary["stats"] = _export_stats(tmp, schema, names)
-    from .hub.dataset_card import render_dataset_card
-    card = render_dataset_card(run, summary, opts, tmp)
-    (tmp / "README.md").write_text(card, encoding="utf-8")
-    summary["seconds"] = round(time.time() - t0, 3)
-    atomic_write_json(tmp / SUMMARY_FILE, summary)
-    crashpoint("export_before_swap")
-    _swap_into_place(tmp, out)
-    return summary
+        if tick:
+            tick(seen - before)
+    parts = writer.finish()
+    stats = []
+    if plan.stats_columns:
+        import pyarrow.parquet as pq
+        cols = {f: c for f, c in plan.stats_columns.items() if c in plan.schema.names}
+        read = list(dict.fromkeys(cols.values()))
+        cache = Path(plan.folder) / "stats-cache"
+        for part in parts:
+            pf = pq.ParquetFile(part["tmp"])
+            rows = (r for b in pf.iter_batches(batch_size=20_000, columns=read)
+                    for r in b.to_pylist())
+            stats.append(shard_stats(rows, cols, cache / Path(part["tmp"]).name.split(".")[0]))
+    return {"seen": seen, "exported": exported, "excluded": dict(excluded),
+            "coerced": dict(writer.coerced), "drawn": dict(mixer.drawn),
+            "used": dict(mixer.used), "fallbacks": dict(mixer.fallbacks),
+            "parts": [{"tmp": str(p["tmp"]), "rows": p["rows"]} for p in parts],
+            "stats": stats}
 
 
 def _remove_dead_partials(out: Path) -> None:
@@ -618,15 +741,6 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     _fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _export_stats(folder: Path, schema, names: dict) -> dict:
-    """Table-3 figures of the exported captions (raw, synthetic, fused and the mixed
-    ``caption`` column), per source and for the mix."""
-    from .stats import compute_folder_stats
-    cols = {"raw": names.get(RAW, RAW), "synthetic": names.get(SYNTHETIC, SYNTHETIC),
-            "fused": names.get(FUSED, FUSED), "caption": "caption"}
-    return compute_folder_stats(folder, cols, folder / "stats")
 
 
 def is_export_folder(path: str | os.PathLike) -> bool:

@@ -94,7 +94,8 @@ def test_round_trip_with_published_names(filtered_10k, tmp_path):
 def test_mix_shares_seed_fallbacks(filtered_10k, tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     capsfus("export", filtered_10k, "--out", a, "--mix", "fused=0.6,raw=0.4", "--seed", 7)
-    capsfus("export", filtered_10k, "--out", b, "--mix", "fused=0.6,raw=0.4", "--seed", 7)
+    capsfus("export", filtered_10k, "--out", b, "--mix", "fused=0.6,raw=0.4", "--seed", 7,
+            "--workers", 3)
     capsfus("export", filtered_10k, "--out", c, "--mix", "fused=0.6,raw=0.4", "--seed", 8)
     s = _summary(a)
     n = s["rows"]["exported"]
@@ -119,8 +120,12 @@ def test_mix_shares_seed_fallbacks(filtered_10k, tmp_path):
     fb = s["caption"]["fallbacks"].get("fused->raw", 0)
     assert 0 < fb <= len(dropped)
     assert drawn["fused"] - fb == src["fused"]
-    # the same seed gives the same dataset; another seed another draw
+    # the same seed gives the same dataset, with one process or several; another seed
+    # another draw
     assert _load(b).to_list() == rows
+    sb = _summary(b)
+    assert sb["workers"] == 3 and len(sb["files"]) > 1
+    assert sb["stats"]["fields"] == s["stats"]["fields"]
     other = _load(c)["caption_source"]
     assert other != ds["caption_source"]
     # `capsfus stats EXPORT` reports the realised mix
