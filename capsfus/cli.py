@@ -775,6 +775,8 @@ main.add_command(filter_cmd)
 main.add_command(stats_cmd)
 from .cli_export import export_cmd  # noqa: E402
 main.add_command(export_cmd)
+from .cli_hub import push  # noqa: E402
+main.add_command(push)
 
 if __name__ == "__main__":
     main()

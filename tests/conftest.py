@@ -12,7 +12,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")   # before torch is imported anywh
 import pytest
 
 # the `slurm_cluster` fixture: one private single-node SLURM cluster per session
-pytest_plugins = ["conftest_slurm"]
+pytest_plugins = ["conftest_slurm", "conftest_hub"]  # + `hub`: the local Hub server
 
 SUBJECTS = ["a red car", "two dogs", "a wooden table", "the Eiffel Tower", "a bowl of soup",
             "an old man", "a mountain lake", "a pair of shoes", "a vintage poster", "a cat"]
