@@ -777,6 +777,8 @@ from .cli_export import export_cmd  # noqa: E402
 main.add_command(export_cmd)
 from .cli_hub import push  # noqa: E402
 main.add_command(push)
+from .cli_teacher import teacher_cmd  # noqa: E402
+main.add_command(teacher_cmd)
 
 if __name__ == "__main__":
     main()

@@ -85,7 +85,7 @@ def stage_status(run: Run, stage_name: str, job_alive=None) -> dict:
         lease = current.get(i)
         s = shard_status(st, lease, leases, now)
         counts[s] += 1
-        total = manifest["shards"][i]["rows"]
+        total = (st or {}).get("rows_total", manifest["shards"][i]["rows"])  # e.g. a sample
         rows_total += total
         if st:
             rows_done += st.get("rows_done", 0) if s != "done" else total

@@ -1,0 +1,734 @@
+"""The teacher stage: (raw, synthetic) → fused captions from an OpenAI-compatible endpoint
+(ChatGPT in the paper), for a reproducible sample of the run's rows: the training triplets.
+
+```
+RUN/teacher/config.json          settings rule as every stage: model, api, decoding, prompt
+                                 hash, sample size and seed (no endpoint, no key)
+RUN/teacher/sample.json          the sampled rows (a cache; recomputed when the input changes)
+RUN/teacher/journal/00000.jsonl  shard 0's request journal, appended and fsynced
+RUN/teacher/state/00000.json     as every stage: status, rows, final files with checksums
+RUN/teacher/out/00000/…          shard.e<epoch>.jsonl.zst: sampled rows + ``fused``
+RUN/teacher/rejected/00000/…     sampled rows refused, each with ``reason`` and ``detail``
+RUN/teacher/leases/, usage.json  leases (so `capsfus status` shows it running); tokens, cost
+```
+
+Why one async process and not ``runner.run_shard`` workers: the work is waiting on HTTP, not
+compute, so one event loop keeps ``--concurrency`` requests in flight across the whole sample
+(a chunked runner would drain to zero at every chunk end and stall on one row's Retry-After),
+and one process makes the rate limits and the cost budget exact without coordination.
+
+Exactly once, with money involved: before a request is first sent a ``send`` record is
+journaled; its answer (or its rejection) is journaled and fsynced before the row counts as
+done. A restarted run re-sends only rows with no final record for the same request (same
+prompt, model and decoding: the request's hash); so at most the requests in flight at a crash
+repeat (≤ ``--concurrency``, each held its worker slot until its record was on disk). A shard's
+output files are derived from its journal once all its sampled rows are final, written
+atomically, listed with checksums in its state, as in every stage. Since the journal is keyed by
+request, ``--force`` (new settings) or a larger ``--sample`` reuses every answer already paid
+for; the sample is nested (a larger N keeps the rows of a smaller one).
+
+Sample: the N rows with the smallest ``blake2b(seed, id)``: the same rows whatever the shard
+layout or order, for the same seed.
+
+Cost: ``usage.json`` holds tokens and cost (known: from usage; upper bound: plus the worst case
+of attempts that may have been billed without an answer, and of requests lost in flight at a
+crash). ``--max-cost`` reserves each attempt's worst case before sending it and stops when the
+next one would pass the budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import heapq
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+from ..faults import crashpoint
+from ..io import JsonlZstWriter, _fsync_dir, atomic_write_json, read_json
+from ..lease import LeaseDir
+from ..manifest import Run
+from ..openai_client import (TRANSIENT_REASONS, ClientSettings, EndpointFatal, OpenAIClient,
+                             sanitize_url)
+from ..prices import Price
+from ..prompt import PromptBuilder, PromptTemplate
+from ..rows import FUSED, RAW, SYNTHETIC
+from ..stage import StageDir, input_rows
+
+log = logging.getLogger("capsfus.teacher")
+
+TEACHER_REJECT_REASONS = {
+    "no_synthetic": "the row has no synthetic caption (run `capsfus caption` first)",
+    "prompt_over_budget": "the prompt does not fit --max-prompt-tokens even with the raw "
+                          "caption cut",
+    "bad_request": "the endpoint refused the request (4xx)",
+    "content_filter": "the endpoint's content filter withheld the answer",
+    "empty_answer": "the endpoint answered with empty text",
+    **{r: f"{r.replace('_', ' ')} on every attempt (--max-retries)" for r in TRANSIENT_REASONS},
+}
+
+
+# --- settings --------------------------------------------------------------------------------
+@dataclass
+class TeacherOptions:
+    run_dir: str
+    endpoint: str
+    model: str
+    api: str = "chat"
+    sample: int | None = None
+    seed: int = 0
+    concurrency: int = 8
+    rpm: float | None = None
+    tpm: float | None = None
+    timeout: float = 60.0
+    max_retries: int = 6
+    max_tokens: int = 128
+    temperature: float | None = None
+    top_p: float | None = None
+    max_prompt_tokens: int = 512
+    max_cost: float | None = None
+    max_consecutive_failures: int = 50
+    retry_rejected: bool = False
+    force: bool = False
+    backoff_base: float = 1.0
+    stage: str = "teacher"          # or teacher@TAG
+    template: PromptTemplate = field(default_factory=PromptTemplate)
+
+    def settings(self) -> dict:
+        """Output-shaping settings (hashed; a change needs --force). The endpoint is where the
+        model runs, like an executor setting: recorded in usage.json, not hashed."""
+        return {"engine": "openai", "model": self.model, "api": self.api,
+                "max_tokens": self.max_tokens, "temperature": self.temperature,
+                "top_p": self.top_p, "max_prompt_tokens": self.max_prompt_tokens,
+                "prompt_sha256": self.template.sha256, "prompt_source": self.template.source,
+                "sample": self.sample, "seed": self.seed}
+
+    def decoding(self) -> dict:
+        return {k: v for k, v in (("temperature", self.temperature), ("top_p", self.top_p))
+                if v is not None}
+
+
+def input_stage_of(run: Run) -> str:
+    """As fusion: the caption stage when the run has one, else the input."""
+    return "caption" if (run.root / "caption" / "config.json").exists() else "input"
+
+
+# --- approximate tokens for the prompt budget (the endpoint's tokenizer is not known here) --
+def approx_tokens(text: str) -> int:
+    return max(1, -(-len(text.encode("utf-8")) // 4))
+
+
+def approx_truncate(text: str, n: int) -> str:
+    cut = text.encode("utf-8")[:n * 4].decode("utf-8", "ignore")
+    return cut.rsplit(" ", 1)[0] if " " in cut.strip() and len(cut) < len(text) else cut
+
+
+def make_builder(opts: TeacherOptions) -> PromptBuilder:
+    chat = (lambda user: user) if opts.api == "chat" else None  # chat: no "New Sentence:" cue
+    return PromptBuilder(opts.template, approx_tokens, approx_truncate, approx_tokens,
+                         opts.max_prompt_tokens, chat=chat)
+
+
+def request_body(opts: TeacherOptions, prompt: str) -> dict:
+    body = {"model": opts.model, "max_tokens": opts.max_tokens, **opts.decoding()}
+    if opts.api == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    return body
+
+
+def request_hash(body: dict) -> str:
+    blob = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
+
+
+# --- sample ------------------------------------------------------------------------------------
+def sample_key(seed: int, row_id) -> int:
+    d = hashlib.blake2b(f"{seed}\x00{row_id}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(d, "big")
+
+
+def input_fingerprint(run: Run, manifest: dict, input_stage: str) -> list:
+    if input_stage == "input":
+        return [s["sha256"] for s in manifest["shards"]]
+    st = StageDir(run, input_stage)
+    return [((st.read_state(i) or {}).get("final") or {}).get("out", {}).get("sha256")
+            for i in range(len(manifest["shards"]))]
+
+
+def input_count(run: Run, manifest: dict, input_stage: str, shard: int) -> int:
+    if input_stage == "input":
+        return manifest["shards"][shard]["rows"]
+    st = StageDir(run, input_stage).read_state(shard)
+    if not st or st.get("status") != "done":
+        raise UserError(f"shard {shard} of stage {input_stage} is not done yet: finish "
+                        f"`capsfus {input_stage}` first")
+    return st["rows_out"]
+
+
+def select_sample(run: Run, manifest: dict, input_stage: str, n: int | None, seed: int,
+                  cache: Path) -> dict[int, list[int]]:
+    """{shard: sorted row indices} of the sample (every row when ``n`` is None)."""
+    shards = range(len(manifest["shards"]))
+    if n is None:
+        return {i: list(range(input_count(run, manifest, input_stage, i))) for i in shards}
+    fp = input_fingerprint(run, manifest, input_stage)
+    key = {"seed": seed, "n": n, "input_stage": input_stage, "input": fp}
+    if cache.exists():
+        try:
+            c = read_json(cache)
+            if c.get("key") == key:
+                return {int(k): v for k, v in c["shards"].items()}
+        except (OSError, ValueError, KeyError):
+            pass
+    heap: list[tuple[int, int, int]] = []   # negated: the largest kept key on top
+    for shard in shards:
+        for idx, row in enumerate(input_rows(run, manifest, input_stage, shard)):
+            k = (sample_key(seed, row["id"]), shard, idx)
+            if len(heap) < n:
+                heapq.heappush(heap, (-k[0], -shard, -idx))
+            elif k < (-heap[0][0], -heap[0][1], -heap[0][2]):
+                heapq.heapreplace(heap, (-k[0], -shard, -idx))
+    out: dict[int, list[int]] = {i: [] for i in shards}
+    for _, s, i in heap:
+        out[-s].append(-i)
+    for v in out.values():
+        v.sort()
+    atomic_write_json(cache, {"key": key, "rows": sum(map(len, out.values())),
+                              "shards": {str(k): v for k, v in out.items()}})
+    return out
+
+
+# --- journal -------------------------------------------------------------------------------------
+class Journal:
+    """Per-shard append-only JSON lines, group-committed: records that arrive while one fsync
+    runs are written together and fsynced once. ``await append(...)`` returns once the record
+    is on disk."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self._files: dict[int, object] = {}
+        self._pending: list[tuple[int, bytes, asyncio.Future]] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    def path(self, shard: int) -> Path:
+        return self.folder / f"{shard:05d}.jsonl"
+
+    def read(self, shard: int) -> list[dict]:
+        """The shard's records; a torn last line (a crash mid-write) is cut off first."""
+        p = self.path(shard)
+        if not p.exists():
+            return []
+        data = p.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            with open(p, "r+b") as f:
+                f.truncate(keep)
+                os.fsync(f.fileno())
+            log.warning("journal %s: cut a torn last record (a crash mid-write)", p.name)
+            data = data[:keep]
+        out = []
+        for line in data.splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                log.warning("journal %s: skipped an unreadable record", p.name)
+        return out
+
+    def shards_with_journal(self) -> list[int]:
+        return sorted(int(p.name[:5]) for p in self.folder.glob("*.jsonl") if p.name[:5].isdigit())
+
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._writer())
+
+    async def append(self, shard: int, rec: dict) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        line = (json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        self._pending.append((shard, line, fut))
+        self._wake.set()
+        await fut
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            if not batch:
+                continue
+            try:
+                await asyncio.to_thread(self._write, batch)
+            except BaseException as e:
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                continue
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def _write(self, batch) -> None:
+        touched = {}
+        for shard, line, _ in batch:
+            f = self._files.get(shard)
+            if f is None:
+                new = not self.path(shard).exists()
+                f = self._files[shard] = open(self.path(shard), "ab")
+                if new:
+                    _fsync_dir(self.folder)
+            f.write(line)
+            touched[shard] = f
+        for f in touched.values():
+            f.flush()
+            os.fsync(f.fileno())
+
+    async def close(self) -> None:
+        if self._task:
+            while self._pending:
+                await asyncio.sleep(0.01)
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+@dataclass
+class Ledger:
+    """Tokens and cost, from the journal plus this run."""
+
+    requests: int = 0            # requests sent (first attempts)
+    answered: int = 0
+    rejected: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_known: float = 0.0
+    cost_uncertain: float = 0.0  # worst case of attempts/requests possibly billed, no answer
+    orphans: int = 0             # sent, no record of the outcome (in flight at a crash)
+    reused: int = 0              # answers taken from the journal instead of re-sending
+
+    def add_final(self, rec: dict) -> None:
+        u = rec.get("usage") or {}
+        self.prompt_tokens += int(u.get("prompt_tokens") or 0)
+        self.completion_tokens += int(u.get("completion_tokens") or 0)
+        self.cost_known += rec.get("cost") or 0.0
+        self.cost_uncertain += (rec.get("uncertain") or 0) * (rec.get("reserve") or 0.0)
+
+    @property
+    def cost_upper(self) -> float:
+        return self.cost_known + self.cost_uncertain
+
+
+# --- the run -------------------------------------------------------------------------------------
+@dataclass
+class Item:
+    shard: int
+    idx: int
+    row_id: object
+    payload: object
+    req: str
+    reserve: float | None
+    reserved: float = 0.0
+    sent: bool = False
+
+
+@dataclass
+class ShardWork:
+    shard: int
+    sampled: list[int]
+    rows: dict[int, dict] = field(default_factory=dict)
+    finals: dict[int, dict] = field(default_factory=dict)   # idx -> out/rejected row
+    todo: list[Item] = field(default_factory=list)
+    lease: object = None
+    attempts: int = 1
+    done: bool = False      # materialized: its rows are dropped from memory
+
+    @property
+    def pending(self) -> int:
+        return 0 if self.done else len(self.sampled) - len(self.finals)
+
+
+class Teacher:
+    def __init__(self, opts: TeacherOptions, api_key: str, price: Price, progress=None):
+        self.o = opts
+        self._key = api_key
+        self.price = price
+        self.progress = progress      # callable(dict) for the live display
+        self.run = Run(Path(opts.run_dir))
+        self.manifest = self.run.manifest()
+        self.stage = StageDir(self.run, opts.stage)
+        self.journal = Journal(self.stage.root / "journal")
+        self.builder = make_builder(opts)
+        self.ledger = Ledger()
+        self.inflight_reserved = 0.0
+        self.stop_reason: str | None = None
+        self.fatal: str | None = None
+        self.consecutive_failures = 0
+        self.rows_total = self.rows_done = 0
+        self.reasons: Counter = Counter()
+        self.t0 = time.time()
+
+    def __reduce__(self):
+        raise TypeError("Teacher holds an API key and is never pickled")
+
+    # --- setup -----------------------------------------------------------------------------
+    def _lock(self) -> None:
+        self.stage.root.mkdir(parents=True, exist_ok=True)
+        self._lock_f = open(self.stage.root / "lock", "a+")
+        try:
+            fcntl.flock(self._lock_f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another `capsfus teacher` is running on {self.run.root} (see "
+                            f"`capsfus status {self.run.root}`); wait for it or stop it") \
+                from None
+
+    def prepare(self) -> None:
+        o = self.o
+        if not self.manifest["shards"]:
+            raise UserError(f"{self.run.root} has no rows to sample")
+        if o.max_cost is not None and not self.price.known:
+            raise UserError(f"--max-cost needs the price of {o.model}, which is not in the "
+                            f"price table: pass --prices FILE or --price-in/--price-out")
+        self._lock()
+        self.input_stage = input_stage_of(self.run)
+        self.settings_hash = self.stage.ensure_config(self.manifest["run_id"], self.input_stage,
+                                                      o.settings(), o.force)
+        self.sample = select_sample(self.run, self.manifest, self.input_stage, o.sample, o.seed,
+                                    self.stage.root / "sample.json")
+        self.rows_total = sum(len(v) for v in self.sample.values())
+        self._load_ledger()
+        self.leases = LeaseDir(self.stage.root / "leases")
+        self.todo_shards = []
+        for shard, idx in self.sample.items():
+            st = self.stage.read_state(shard) or {}
+            if self.stage.final_is_trusted(st, self.settings_hash) and not (
+                    o.retry_rejected and set(st.get("reasons", {})) & TRANSIENT_REASONS):
+                self.rows_done += len(idx)
+                self.reasons.update(st.get("reasons", {}))
+                continue
+            self.todo_shards.append(shard)
+            if st.get("settings_hash") != self.settings_hash or st.get("rows_total") != len(idx):
+                # a state for the shard's sample, so `status` counts sampled rows from the start
+                # (written under a short lease, as every state; status shows it pending)
+                lease = self.leases.acquire(shard, extra={"worker": "teacher"})
+                if lease is None:
+                    raise UserError(f"shard {shard} of {self.stage.name} is leased by a live "
+                                    f"process: another teacher run?")
+                self._write_state(shard, lease.epoch, "running", len(idx), {}, None,
+                                  st.get("attempts", 0))
+                lease.release()
+
+    def _load_ledger(self) -> None:
+        """Totals over every journal record ever written for this stage."""
+        L = self.ledger
+        for shard in self.journal.shards_with_journal():
+            sends: Counter = Counter()
+            closes: Counter = Counter()
+            reserve: dict = {}
+            for r in self.journal.read(shard):
+                k = r.get("k")
+                if k == "send":
+                    sends[(r["i"], r["req"])] += 1
+                    reserve[(r["i"], r["req"])] = r.get("reserve") or 0.0
+                    L.requests += 1
+                elif k in ("ok", "rej", "stop"):
+                    closes[(r["i"], r["req"])] += 1
+                    L.add_final(r)
+                    L.answered += k == "ok"
+                    L.rejected += k == "rej"
+            for key, n in sends.items():
+                lost = n - closes.get(key, 0)
+                if lost > 0:
+                    L.orphans += lost
+                    L.cost_uncertain += lost * reserve[key]
+
+    # --- per shard -------------------------------------------------------------------------
+    def _open_shard(self, shard: int) -> ShardWork:
+        """Reads the shard's sampled rows, builds their prompts, and sorts them into final
+        (prompt rejects, answers already in the journal) and to-do."""
+        o = self.o
+        lease = self.leases.acquire(shard, extra={"worker": "teacher"})
+        if lease is None:
+            raise UserError(f"shard {shard} of teacher is leased by a live process: another "
+                            f"teacher run? (`capsfus status {self.run.root}`)")
+        lease.start_heartbeat(30.0)
+        w = ShardWork(shard, self.sample[shard], lease=lease,
+                      attempts=(self.stage.read_state(shard) or {}).get("attempts", 0) + 1)
+        wanted = set(w.sampled)
+        if wanted:   # a shard the sample missed is not read
+            rows = input_rows(self.run, self.manifest, self.input_stage, shard)
+            for idx, row in enumerate(rows):
+                if idx in wanted:
+                    w.rows[idx] = row
+        if len(w.rows) != len(wanted):
+            raise UserError(f"shard {shard} of {self.input_stage} has fewer rows than sampled: "
+                            f"the input changed; rerun with --force")
+        last: dict[tuple, dict] = {}
+        for r in self.journal.read(shard):
+            if r.get("k") in ("ok", "rej"):
+                last[(r["i"], r["req"])] = r
+        for idx in w.sampled:
+            row = w.rows[idx]
+            if not row.get(SYNTHETIC):
+                w.finals[idx] = {**row, "reason": "no_synthetic", "detail": ""}
+                continue
+            built = self.builder.build(row[RAW], row[SYNTHETIC])
+            if built.reject:
+                w.finals[idx] = {**row, "reason": built.reject, "detail": built.detail}
+                continue
+            body = request_body(o, built.text)
+            req = request_hash(body)
+            rec = last.get((idx, req))
+            if rec is not None and not (o.retry_rejected and rec["k"] == "rej"
+                                        and rec.get("reason") in TRANSIENT_REASONS):
+                w.finals[idx] = self._final_row(row, rec, built.raw_cut)
+                self.ledger.reused += 1
+                continue
+            payload = body["messages"] if o.api == "chat" else body["prompt"]
+            w.todo.append(Item(shard, idx, row.get("id"), payload, req,
+                               self.price.worst_case(len(built.text.encode("utf-8")),
+                                                     o.max_tokens)))
+            w.rows[idx] = {**row, "_raw_cut": built.raw_cut}
+        self.rows_done += len(w.finals)
+        self.reasons.update(r["reason"] for r in w.finals.values() if "reason" in r)
+        self._write_running(w)
+        return w
+
+    @staticmethod
+    def _final_row(row: dict, rec: dict, raw_cut: bool) -> dict:
+        row = {k: v for k, v in row.items() if k != "_raw_cut"}
+        if rec["k"] == "ok":
+            return {**row, FUSED: rec["text"],
+                    "fused_hit_max_tokens": rec.get("finish") == "length",
+                    "raw_truncated": raw_cut,
+                    "teacher": {"model": rec.get("model"), "usage": rec.get("usage"),
+                                "finish_reason": rec.get("finish"),
+                                "attempts": rec.get("attempts")}}
+        return {**row, "reason": rec["reason"], "detail": rec.get("detail", "")}
+
+    def _write_state(self, shard: int, epoch: int, status: str, total: int, finals: dict,
+                     final: dict | None, attempts: int) -> None:
+        """A state file in the shape every stage writes (manifests/state.schema.json)."""
+        rej = [r for r in finals.values() if "reason" in r]
+        wall = round(time.time() - self.t0, 3)
+        self.stage.write_state(shard, {
+            "shard": shard, "stage": self.stage.name, "status": status, "epoch": epoch,
+            "settings_hash": self.settings_hash, "rows_total": total,
+            "rows_done": len(finals), "rows_out": len(finals) - len(rej),
+            "rows_rejected": len(rej), "reasons": dict(Counter(r["reason"] for r in rej)),
+            "chunks": [], "final": final, "attempts": max(1, attempts),
+            "owner": {"pid": os.getpid(), "worker": "teacher"},
+            "timings": {"gen_s": 0.0, "wall_s": wall, "rows": len(finals)},
+            **({"n_chunks": 0, "finished": time.time()} if status == "done" else {})})
+
+    def _write_running(self, w: ShardWork) -> None:
+        self._write_state(w.shard, w.lease.epoch, "running", len(w.sampled), w.finals, None,
+                          w.attempts)
+
+    def _materialize(self, w: ShardWork) -> None:
+        """All sampled rows of the shard are final: write its out/rejected files (atomic,
+        checksummed), list them in the state, drop everything else in its folders."""
+        stage, shard, epoch = self.stage, w.shard, w.lease.epoch
+        if not w.lease.still_mine():
+            raise RuntimeError(f"shard {shard}: lease epoch {epoch} was taken over")
+        name = f"shard.e{epoch:06d}.jsonl.zst"
+        rows = [w.finals[i] for i in w.sampled]
+        out = [r for r in rows if "reason" not in r]
+        rej = [r for r in rows if "reason" in r]
+        final = {}
+        for key, folder, part in (("out", stage.out_dir(shard), out),
+                                  ("rejected", stage.rejected_dir(shard), rej)):
+            if key == "rejected" and not part:
+                final[key] = None
+                continue
+            wr = JsonlZstWriter(folder / name)
+            try:
+                wr.write_many(part)
+                final[key] = wr.commit()
+            except BaseException:
+                wr.abort()
+                raise
+        crashpoint("teacher_mid_materialize")
+        self._write_state(shard, epoch, "done", len(rows), w.finals, final, w.attempts)
+        stage.remove_untrusted(shard, stage.final_files(stage.read_state(shard)))
+        w.lease.release()
+        w.done = True
+        w.rows.clear()
+        w.finals.clear()
+        w.todo.clear()
+
+    # --- requests --------------------------------------------------------------------------
+    async def _before(self, item: Item, attempt: int) -> bool:
+        if self.stop_reason:
+            return False
+        if self.o.max_cost is not None:
+            need = self.ledger.cost_upper + self.inflight_reserved + item.reserve
+            if need > self.o.max_cost:
+                self.stop_reason = "budget"
+                return False
+        if item.reserve is not None:
+            self.inflight_reserved += item.reserve
+            item.reserved += item.reserve
+        if not item.sent:
+            item.sent = True
+            self.ledger.requests += 1
+            await self.journal.append(item.shard, {"k": "send", "i": item.idx, "req": item.req,
+                                                   "reserve": item.reserve, "t": time.time()})
+            crashpoint("teacher_after_send_record")
+        return True
+
+    async def _do(self, item: Item, w: ShardWork) -> None:
+        reply = await self.client.complete(item.payload, max_tokens=self.o.max_tokens,
+                                           before_attempt=lambda a: self._before(item, a))
+        self.inflight_reserved -= item.reserved
+        cost = self.price.cost(reply.usage) if reply.usage else (0.0 if self.price.known
+                                                                  else None)
+        base = {"i": item.idx, "id": item.row_id, "req": item.req, "usage": reply.usage,
+                "cost": cost, "reserve": item.reserve, "attempts": reply.attempts,
+                "uncertain": reply.uncertain, "retries": reply.retries, "t": time.time()}
+        if reply.reason == "budget":
+            if item.sent:   # closes the send record; the row stays to do
+                rec = {"k": "stop", **base}
+                await self.journal.append(item.shard, rec)
+                self.ledger.add_final(rec)
+            return
+        if reply.ok:
+            rec = {"k": "ok", **base, "text": reply.text, "finish": reply.finish_reason,
+                   "model": reply.model}
+        else:
+            rec = {"k": "rej", **base, "reason": reply.reason, "detail": reply.detail}
+        await self.journal.append(item.shard, rec)       # on disk before it counts as done
+        crashpoint("teacher_after_result")
+        self.ledger.add_final(rec)
+        self.ledger.answered += reply.ok
+        self.ledger.rejected += not reply.ok
+        raw_cut = w.rows[item.idx].get("_raw_cut", False)
+        w.finals[item.idx] = self._final_row(w.rows[item.idx], rec, raw_cut)
+        self.rows_done += 1
+        if not reply.ok:
+            self.reasons[reply.reason] += 1
+            log.warning("row %s rejected: %s: %s", item.row_id, reply.reason, reply.detail)
+        if not reply.ok and reply.reason in TRANSIENT_REASONS:
+            self.consecutive_failures += 1
+            if self.consecutive_failures >= self.o.max_consecutive_failures:
+                self.fatal = (f"the endpoint failed {self.consecutive_failures} rows in a row "
+                              f"(last: {reply.reason}: {reply.detail[:200]}); stopped")
+                self.stop_reason = "failures"
+        elif reply.ok:
+            self.consecutive_failures = 0
+        if w.pending == 0:
+            await asyncio.to_thread(self._materialize, w)
+
+    async def _main(self) -> None:
+        o = self.o
+        self.client = OpenAIClient(ClientSettings(
+            endpoint=o.endpoint, model=o.model, api=o.api, concurrency=o.concurrency, rpm=o.rpm,
+            tpm=o.tpm, timeout=o.timeout, max_retries=o.max_retries,
+            backoff_base=o.backoff_base), self._key)
+        self.journal.start()
+        q: asyncio.Queue = asyncio.Queue(maxsize=o.concurrency * 2)
+        open_shards: list[ShardWork] = []
+
+        async def producer():
+            try:
+                for shard in self.todo_shards:
+                    if self.stop_reason:
+                        break
+                    w = await asyncio.to_thread(self._open_shard, shard)
+                    open_shards.append(w)
+                    if w.pending == 0:
+                        await asyncio.to_thread(self._materialize, w)
+                        continue
+                    for item in w.todo:
+                        if self.stop_reason:
+                            break
+                        await q.put((item, w))
+            finally:
+                for _ in range(o.concurrency):
+                    await q.put(None)
+
+        async def worker():
+            while (got := await q.get()) is not None:
+                if self.stop_reason:
+                    continue
+                try:
+                    await self._do(*got)
+                except EndpointFatal as e:
+                    self.fatal = str(e)
+                    self.stop_reason = "fatal"
+
+        async def ticker():
+            while True:
+                self._report(open_shards)
+                await asyncio.sleep(1.0)
+
+        tick = asyncio.create_task(ticker())
+        try:
+            prod = asyncio.create_task(producer())
+            workers = [asyncio.create_task(worker()) for _ in range(o.concurrency)]
+            await asyncio.gather(prod, *workers)
+        finally:
+            tick.cancel()
+            await self.journal.close()
+            await self.client.aclose()
+            for w in open_shards:
+                if w.pending:
+                    self._write_running(w)
+                    w.lease.release()
+            self._report(open_shards, final=True)
+
+    def _report(self, open_shards, final: bool = False) -> None:
+        u = self.usage()
+        atomic_write_json(self.stage.root / "usage.json", u)
+        if not final:
+            for w in open_shards:
+                if w.pending:
+                    self._write_running(w)
+        if self.progress:
+            self.progress(u)
+
+    def usage(self) -> dict:
+        L = self.ledger
+        known = self.price.known
+        return {
+            "model": self.o.model, "endpoint": sanitize_url(self.o.endpoint), "api": self.o.api,
+            "price": self.price.to_dict(),
+            "rows": {"sampled": self.rows_total, "done": self.rows_done,
+                     "to_do": self.rows_total - self.rows_done, "reasons": dict(self.reasons)},
+            "requests": {"sent": L.requests, "answered": L.answered, "rejected": L.rejected,
+                         "orphaned_at_crash": L.orphans, "reused_from_journal": L.reused,
+                         "in_flight": self.client.stats["in_flight"] if hasattr(self, "client")
+                         else 0,
+                         "retries": self.client.stats["retries"] if hasattr(self, "client")
+                         else 0},
+            "tokens": {"prompt": L.prompt_tokens, "completion": L.completion_tokens,
+                       "total": L.prompt_tokens + L.completion_tokens},
+            "cost_usd": {"known": round(L.cost_known, 6) if known else None,
+                         "upper_bound": round(L.cost_upper, 6) if known else None,
+                         "max_cost": self.o.max_cost},
+            "stopped": self.stop_reason, "elapsed_s": round(time.time() - self.t0, 1),
+            "updated": time.time()}
+
+    def execute(self) -> dict:
+        """Runs to the end (or to the budget / a fatal endpoint error); returns the usage."""
+        self.prepare()
+        if self.todo_shards:
+            asyncio.run(self._main())
+        else:
+            self._report([], final=True)
+        return self.usage()
