@@ -14,6 +14,16 @@ Budget: when a prompt is over ``max_prompt_tokens`` only the raw caption is cut,
 boundary, and never to nothing; a row whose other parts alone are over budget is rejected
 (``prompt_over_budget``). (The released script deletes the raw caption entirely when the
 prompt is exactly 256 tokens long, an off-by-one we do not copy.)
+
+Long synthetic captions (dense VLM descriptions, ``capsfus caption --format dense``): the
+default budget (256, the released setting, meant for BLIP-length captions) cannot hold the
+instruction plus a 200-word caption. When the engine knows a hard limit (``hard_max_tokens``:
+the model's context less ``max_new_tokens``, given only when the user did not set the budget)
+and the prompt without its raw caption is already over the soft budget, that row's budget is
+the hard limit instead: the raw caption is then cut only as far as the context requires, and
+the row is rejected only when the instruction and synthetic caption alone do not fit the
+model. Rows of BLIP-length captions are built exactly as before. An explicit
+``--max-prompt-tokens`` is strict.
 """
 
 from __future__ import annotations
@@ -93,12 +103,14 @@ class PromptBuilder:
 
     def __init__(self, template: PromptTemplate, count_tokens: Callable[[str], int],
                  truncate: Callable[[str, int], str], caption_tokens: Callable[[str], int],
-                 max_prompt_tokens: int, chat: Callable[[str], str] | None = None):
+                 max_prompt_tokens: int, chat: Callable[[str], str] | None = None,
+                 hard_max_tokens: int | None = None):
         self.template = template
         self.count_tokens = count_tokens
         self.truncate = truncate
         self.caption_tokens = caption_tokens
         self.max_prompt_tokens = max_prompt_tokens
+        self.hard_max_tokens = max(hard_max_tokens or 0, max_prompt_tokens)
         self.chat = chat
 
     def render(self, raw: str, synthetic: str) -> str:
@@ -114,6 +126,15 @@ class PromptBuilder:
         n = self.count_tokens(text)
         if n <= budget:
             return BuiltPrompt(text, n)
+        if self.hard_max_tokens > budget:
+            # a long synthetic caption: if the prompt cannot meet the soft budget with even one
+            # raw token, this row gets the model's hard limit instead
+            floor = self.count_tokens(self.render(self.truncate(raw, 1).strip() or raw,
+                                                  synthetic))
+            if floor > budget:
+                budget = self.hard_max_tokens
+                if n <= budget:
+                    return BuiltPrompt(text, n)
         keep = self.caption_tokens(raw) - (n - budget)
         while keep >= 1:
             cut = self.truncate(raw, keep).strip()
@@ -125,6 +146,9 @@ class PromptBuilder:
             if n <= budget:
                 return BuiltPrompt(text, n, raw_cut=True)
             keep = min(keep - 1, self.caption_tokens(cut) - (n - budget))
+        hint = ("" if budget >= self.hard_max_tokens and self.hard_max_tokens >
+                self.max_prompt_tokens else "; raise --max-prompt-tokens if the model's "
+                "context allows")
         return BuiltPrompt(None, reject="prompt_over_budget",
                            detail=f"the prompt without the raw caption is over the budget of "
-                                  f"{budget} tokens")
+                                  f"{budget} tokens{hint}")

@@ -306,3 +306,22 @@ def test_smollm2_gguf_fuses_real_rows():
     b = builder(eng)
     got = eng.generate([b.build(r["laion_2b"], r["laion_coco"]).text for r in rows])
     assert len(got) == 3 and all(g.text and g.n_tokens for g in got)
+
+
+def test_dense_synthetic_caption_fits_the_models_room(tiny_llama_dir):
+    from capsfus.stages.fuse import make_builder
+    eng = engine(tiny_llama_dir)
+    ctx = eng.model.config.max_position_embeddings
+    assert eng.max_prompt_tokens == min(256, ctx - 12) and eng.hard_prompt_tokens == ctx - 12
+    dense = " ".join(["a long detailed description of a red bicycle by a blue door"] * 6)
+    need = builder(eng, 10_000).build(RAWS[0], dense).n_tokens
+    assert eng.max_prompt_tokens < need <= ctx - 12           # over the soft budget, fits
+    built = make_builder(eng, PromptTemplate()).build(RAWS[0], dense)
+    assert built.text and not built.raw_cut and built.n_tokens == need
+    assert eng.count_tokens(built.text) == need
+    too_dense = " ".join([dense] * 3)                           # over the model's context
+    assert make_builder(eng, PromptTemplate()).build(RAWS[0], too_dense).reject == \
+        "prompt_over_budget"
+    # a budget the user sets is strict: no hard limit
+    strict = engine(tiny_llama_dir, max_prompt_tokens=64)
+    assert strict.hard_prompt_tokens is None

@@ -77,3 +77,35 @@ def test_prompt_file_replaces_the_prompt_and_changes_its_hash(tmp_path):
 def test_default_body_holds_the_paper_sentences():
     for line in INSTRUCTION_LINES:
         assert line in DEFAULT_BODY
+
+
+def _with_hard_limit(budget: int, hard: int) -> PromptBuilder:
+    engine = EchoEngine(EngineSpec("echo", max_prompt_tokens=budget))
+    engine.hard_prompt_tokens = hard
+    return make_builder(engine, PromptTemplate())
+
+
+def test_dense_synthetic_captions_use_the_models_room_not_a_rejection():
+    dense = " ".join(f"detail{i}" for i in range(300))          # a long VLM description
+    raw = "Acme Rocket-7 launch at Cape Canaveral 2019"
+    need = builder(10_000).build(raw, dense).n_tokens
+    # strict budget (user-given, no hard limit): rejected, with a hint
+    strict = builder(256).build(raw, dense)
+    assert strict.reject == "prompt_over_budget" and "--max-prompt-tokens" in strict.detail
+    # default budget with the model's room: the whole prompt fits, nothing cut
+    roomy = _with_hard_limit(256, need + 10).build(raw, dense)
+    assert roomy.text is not None and not roomy.raw_cut and roomy.n_tokens == need
+    # room for only part of the raw caption: the raw caption is cut, never the synthetic one
+    tight = _with_hard_limit(256, need - 3).build(raw, dense)
+    assert tight.raw_cut and tight.n_tokens <= need - 3 and dense in tight.text
+    # not even the instruction and the synthetic caption fit the model: rejected
+    floor = builder(10_000).build("x", dense).n_tokens
+    over = _with_hard_limit(256, floor - 1).build(raw, dense)
+    assert over.reject == "prompt_over_budget" and "--max-prompt-tokens" not in over.detail
+
+
+def test_short_captions_keep_the_released_budget_even_with_room():
+    # a BLIP-length synthetic caption: the raw caption is cut at the soft budget as before
+    b = _with_hard_limit(130, 4000)
+    built = b.build("word " * 200, "A dog on a beach with a red ball.")
+    assert built.raw_cut and built.n_tokens <= 130

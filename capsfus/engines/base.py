@@ -60,6 +60,9 @@ class Engine:
 
     name = "base"
     chat = None
+    # the model's context less max_new_tokens, when the user did not fix the budget: the room a
+    # row with a long synthetic caption may use (see capsfus.prompt)
+    hard_prompt_tokens: int | None = None
 
     def __init__(self, spec: EngineSpec):
         self.spec = spec
@@ -70,6 +73,7 @@ class Engine:
         return {"engine": self.name, "model": self.spec.model, "revision": self.spec.revision,
                 "decoding": self.spec.decoding.to_dict(),
                 "max_prompt_tokens": self.max_prompt_tokens,
+                "hard_prompt_tokens": self.hard_prompt_tokens,
                 "chat_template": self.chat is not None}
 
     def runtime(self) -> dict:

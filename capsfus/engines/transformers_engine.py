@@ -133,6 +133,8 @@ class TransformersEngine(HFTokenizerMixin, Engine):
         if spec.max_prompt_tokens and room is not None and spec.max_prompt_tokens > room:
             raise UserError(f"--max-prompt-tokens {spec.max_prompt_tokens} + max_new_tokens "
                             f"{new} exceed the model's context of {ctx} tokens")
+        if not spec.max_prompt_tokens and room:
+            self.hard_prompt_tokens = room
         return spec.max_prompt_tokens or min(DEFAULT_MAX_PROMPT_TOKENS,
                                              room or DEFAULT_MAX_PROMPT_TOKENS)
 

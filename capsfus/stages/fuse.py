@@ -28,7 +28,8 @@ FUSE_REJECT_REASONS = {
 
 def make_builder(engine: Engine, template: PromptTemplate) -> PromptBuilder:
     return PromptBuilder(template, engine.count_tokens, engine.truncate, engine.caption_tokens,
-                         engine.max_prompt_tokens, chat=engine.chat)
+                         engine.max_prompt_tokens, chat=engine.chat,
+                         hard_max_tokens=engine.hard_prompt_tokens)
 
 
 @dataclass
