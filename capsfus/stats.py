@@ -459,6 +459,20 @@ def compute_folder_stats(folder: Path, columns: dict[str, str | None], work_dir:
 
 
 # ------------------------------------------------------------------------------ outputs
+def table3_rows(fields: dict) -> list[str]:
+    """The Markdown table of Table 3 (header included) for ``stats["fields"]``."""
+    lines = ["| Captions | Column | Rows | Unique word trigrams | Mean words / caption | "
+             "Paper, Table 3 (mean words) |",
+             "|---|---|---:|---:|---:|---|"]
+    for f, e in fields.items():
+        mean = f"{e['mean_words']:.2f}" if e["mean_words"] is not None else "-"
+        paper = (f"{PAPER_NAMES[f]} {PAPER_TABLE3_MEAN_WORDS[f]:.2f}" if f in PAPER_NAMES
+                 else "-")
+        lines.append(f"| {LABELS.get(f, f)} | `{e['column']}` | {e['rows']:,} | "
+                     f"{e['unique_trigrams']:,} | {mean} | {paper} |")
+    return lines
+
+
 def table3_markdown(stats: dict) -> str:
     lines = [
         "# Caption statistics, shaped like Table 3 of CapsFusion (arXiv 2310.20550)",
@@ -470,16 +484,8 @@ def table3_markdown(stats: dict) -> str:
         + ("exact (64-bit hashes)." if stats["mode"] == "exact" else
            f"HyperLogLog estimate (relative std error {stats['hll_std_error']:.2%})."),
         "",
-        "| Captions | Column | Rows | Unique word trigrams | Mean words / caption | "
-        "Paper, Table 3 (mean words) |",
-        "|---|---|---:|---:|---:|---|",
+        *table3_rows(stats["fields"]),
     ]
-    for f, e in stats["fields"].items():
-        mean = f"{e['mean_words']:.2f}" if e["mean_words"] is not None else "-"
-        paper = (f"{PAPER_NAMES[f]} {PAPER_TABLE3_MEAN_WORDS[f]:.2f}" if f in PAPER_NAMES
-                 else "-")
-        lines.append(f"| {LABELS.get(f, f)} | `{e['column']}` | {e['rows']:,} | "
-                     f"{e['unique_trigrams']:,} | {mean} | {paper} |")
     if stats["mode"] == "exact":
         lines += ["", "HyperLogLog check (what `--approx` would report): " + "; ".join(
             f"{f} {e['unique_trigrams_hll']:,} ({e['hll_relative_error']:+.2%})"

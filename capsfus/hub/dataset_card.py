@@ -253,15 +253,8 @@ def _stats_table(summary: dict) -> str:
     st = summary.get("stats")
     if not st:
         return "Not computed."
-    from ..stats import LABELS, PAPER_NAMES, PAPER_TABLE3_MEAN_WORDS
-    lines = ["| captions | column | rows | unique word trigrams | mean words | paper (mean) |",
-             "|---|---|---:|---:|---:|---|"]
-    for f, e in st["fields"].items():
-        mean = f"{e['mean_words']:.2f}" if e["mean_words"] is not None else "-"
-        paper = (f"{PAPER_NAMES[f]} {PAPER_TABLE3_MEAN_WORDS[f]:.2f}" if f in PAPER_NAMES
-                 else "-")
-        lines.append(f"| {LABELS.get(f, f)} | `{e['column']}` | {e['rows']:,} | "
-                     f"{e['unique_trigrams']:,} | {mean} | {paper} |")
+    from ..stats import table3_rows
+    lines = table3_rows(st["fields"])
     return ("\n".join(lines) + "\n\nWords are `str.split()` tokens (case and punctuation kept); a "
             "trigram is 3 consecutive words of one caption; unique trigrams are exact (64-bit "
             "hashes). ![caption lengths](stats/lengths.png)")
