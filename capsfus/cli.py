@@ -649,6 +649,8 @@ def status(run_dir, stage_opt, as_json):
                   format_seconds(s["eta_s"]),
                   f"{s['generation_share']:.1%}" if s["generation_share"] else "-")
         console.print(t)
+        if s.get("throughput_images_per_s"):  # the caption stage: one image per row
+            console.print(f"  {s['throughput_images_per_s']:.2f} images/s")
         if s["reasons"]:
             console.print("  rejected: " + ", ".join(f"{k} {v:,}" for k, v in
                                                      sorted(s["reasons"].items())))
@@ -776,6 +778,8 @@ main.add_command(stats_cmd)
 from .cli_export import export_cmd  # noqa: E402
 main.add_command(export_cmd)
 from .cli_hub import push  # noqa: E402
+from .cli_caption import caption_cmd, submit_caption_cmd  # noqa: E402
+main.add_command(caption_cmd); submit.add_command(submit_caption_cmd(_executor_options))  # noqa: E702
 main.add_command(push)
 from .cli_teacher import teacher_cmd  # noqa: E402
 main.add_command(teacher_cmd)

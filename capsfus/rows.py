@@ -59,6 +59,9 @@ LAYOUTS: dict[str, dict[str, str | None]] = {
     # The CapsFusion example release (the 10k sample): no URL column.
     "capsfusion-example": {"raw": "laion_2b", "synthetic": "laion_coco", "url": None},
     "capsfus": {"raw": "raw", "synthetic": "synthetic", "url": "url"},
+    # img2dataset output (webdataset tars or parquet): alt-text only, images referenced in
+    # the `image` column (images.py); `capsfus caption` fills `synthetic`.
+    "img2dataset": {"raw": "caption", "synthetic": None, "url": "url"},
 }
 
 
@@ -76,14 +79,17 @@ def resolve_mapping(columns: set[str] | None, raw_col: str | None, synthetic_col
     base: dict[str, str | None] = {}
     if raw_col is None:
         for name, layout in LAYOUTS.items():
-            if layout["raw"] in cols and (layout["synthetic"] in cols or name == "capsfus"):
+            if name == "img2dataset" and "image" not in cols:
+                continue  # a bare `caption` column is not enough: images must be there
+            if layout["raw"] in cols and (layout["synthetic"] in cols or name == "capsfus"
+                                          or name == "img2dataset"):
                 if layout["url"] is not None and layout["url"] not in cols:
                     continue
                 layout_name, base = name, dict(layout)
                 break
         else:
             for name, layout in LAYOUTS.items():  # raw present but not the rest: still usable
-                if layout["raw"] in cols:
+                if layout["raw"] in cols and (name != "img2dataset" or "image" in cols):
                     layout_name, base = name, dict(layout)
                     break
         if not base:

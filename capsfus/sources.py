@@ -1,5 +1,6 @@
-"""Input discovery and streaming readers: parquet, JSON lines (plain or .zst), JSON lists and
-Hugging Face datasets (a ``save_to_disk`` folder, or a Hub id when online).
+"""Input discovery and streaming readers: parquet, JSON lines (plain or .zst), JSON lists,
+webdataset tars (img2dataset; images stay in the tar or parquet and rows get a reference:
+images.py) and Hugging Face datasets (a ``save_to_disk`` folder, or a Hub id when online).
 
 Readers stream with bounded memory and never raise on a bad record: they yield a ``BadRecord``
 with a reason code instead, so the ingest can reject it with a reason. A file that cannot be
@@ -21,7 +22,8 @@ from .errors import UserError
 PARQUET_EXT = (".parquet",)
 JSONL_EXT = (".jsonl", ".ndjson", ".jsonl.zst", ".ndjson.zst", ".jsonl.zstd")
 JSON_EXT = (".json",)
-DATA_EXT = PARQUET_EXT + JSONL_EXT + JSON_EXT
+TAR_EXT = (".tar",)    # webdataset shards (img2dataset): KEY.jpg|png|webp + KEY.txt + KEY.json
+DATA_EXT = PARQUET_EXT + JSONL_EXT + JSON_EXT + TAR_EXT
 PARQUET_BATCH_ROWS = 8192
 _UNDECODABLE = object()  # a parquet value whose strings are not valid UTF-8
 
@@ -109,7 +111,7 @@ class _ZstdReader(io.RawIOBase):
 @dataclass
 class Source:
     path: str          # absolute path, or the Hub id
-    kind: str          # parquet | jsonl | json | hf-disk | hf-hub
+    kind: str          # parquet | jsonl | json | tar | hf-disk | hf-hub
     name: str          # what row ids are built from: "<name>:<row number>"
     size: int
     mtime: float
@@ -124,7 +126,10 @@ class Source:
         if self.kind == "parquet":
             import pyarrow.parquet as pq
             try:
-                return set(pq.ParquetFile(self.path).schema_arrow.names)
+                schema = pq.ParquetFile(self.path).schema_arrow
+                from .images import IMAGE, image_column
+                # an image-bytes column reaches rows as an `image` reference (images.py)
+                return set(schema.names) | ({IMAGE} if image_column(schema) else set())
             except Exception as e:
                 raise UserError(f"cannot read parquet file {self.path}: {e}") from None
         if self.kind in ("hf-disk", "hf-hub"):
@@ -146,6 +151,9 @@ class Source:
             yield from self._jsonl_records()
         elif self.kind == "json":
             yield from self._json_list_records()
+        elif self.kind == "tar":
+            from .images import tar_records
+            yield from tar_records(self.path)
         else:
             yield from self._hf_records()
 
@@ -271,13 +279,28 @@ class Source:
                 yield obj
 
     def _parquet_records(self):
-        import pyarrow as pa
         import pyarrow.parquet as pq
+
+        from .images import image_column, parquet_ref
         try:
             # pre_buffer (on by default in recent pyarrow) keeps the read-ahead of every row
             # group until the file is done: memory then grows with the file. Stream instead.
             pf = pq.ParquetFile(self.path, pre_buffer=False, buffer_size=1 << 20)
-            batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS)
+            image_col = image_column(pf.schema_arrow)
+        except Exception as e:
+            raise UserError(f"cannot read parquet file {self.path}: {e}") from None
+        if not image_col:
+            yield from self._parquet_rows(pf, None)
+            return
+        # an image-bytes column (img2dataset) stays in the file: rows get a reference to it
+        names = [n for n in pf.schema_arrow.names if n != image_col]
+        yield from parquet_ref(self.path, image_col, self._parquet_rows(pf, names))
+
+    def _parquet_rows(self, pf, columns: list[str] | None):
+        """One record (or BadRecord) per row, in order."""
+        import pyarrow as pa
+        try:
+            batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns)
         except Exception as e:
             raise UserError(f"cannot read parquet file {self.path}: {e}") from None
         while True:
@@ -381,6 +404,8 @@ def _kind_of(path: str) -> str | None:
         return "jsonl"
     if low.endswith(JSON_EXT):
         return "json"
+    if low.endswith(TAR_EXT):
+        return "tar"
     return None
 
 
@@ -419,14 +444,19 @@ def discover(inputs: list[str], split: str | None = None) -> list[Source]:
                 continue
             files = sorted(str(f) for f in p.rglob("*") if f.is_file() and _kind_of(str(f))
                            and not f.name.startswith("."))
+            if any(_kind_of(f) == "tar" for f in files):
+                # img2dataset's webdataset output: the .parquet / _stats.json beside each tar
+                # are metadata about the same rows
+                files = [f for f in files if _kind_of(f) == "tar"]
             if not files:
-                raise UserError(f"{spec}: folder has no .parquet, .jsonl[.zst] or .json files")
+                raise UserError(f"{spec}: folder has no .parquet, .jsonl[.zst], .json or .tar "
+                                f"files")
             sources += [_file_source(f, _kind_of(f)) for f in files]
         elif p.is_file():
             kind = _kind_of(spec)
             if kind is None:
                 raise UserError(f"{spec}: unknown format (expected .parquet, .jsonl, .jsonl.zst,"
-                                f" .json, or a datasets folder)")
+                                f" .json, .tar (webdataset), or a datasets folder)")
             sources.append(_file_source(spec, kind))
         elif any(ch in spec for ch in "*?["):
             files = sorted(f for f in glob.glob(spec, recursive=True)

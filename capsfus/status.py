@@ -124,6 +124,9 @@ def stage_status(run: Run, stage_name: str, job_alive=None) -> dict:
                  "rejected": rows_rejected},
         "reasons": dict(reasons),
         "throughput_rows_per_s": round(rate, 3) if rate else None,
+        # the caption stage reads one image per row
+        **({"throughput_images_per_s": round(rate, 3) if rate else None}
+           if stage_name.partition("@")[0] == "caption" else {}),
         "per_shard_rows_per_s": round(sum(rates) / len(rates), 3) if rates else None,
         "eta_s": round(remaining / running_rate) if running_rate and remaining else None,
         "generation_share": round(gen / busy, 4) if busy else None,

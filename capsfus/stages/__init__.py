@@ -42,4 +42,7 @@ def job_from_dict(d: dict) -> StageJob:
     if kind == "filter":
         from .filter import FilterJob
         return FilterJob.from_dict(d)
+    if kind == "caption":
+        from .caption import CaptionJob
+        return CaptionJob.from_dict(d)
     raise UserError(f"a submission record names an unknown stage kind {kind!r}")

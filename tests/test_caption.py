@@ -1,0 +1,522 @@
+"""The caption stage on a tiny random BLIP (and CLIP) built from configs: img2dataset inputs
+(webdataset tars, image-bytes parquet) written here with generated images, broken ones
+included; the real CLI in subprocesses; kill -9 / crash points and resume exactly-once;
+shard → caption → fuse (echo) end to end; `submit caption` on the local SLURM cluster."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import signal
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from runhelp import assert_exactly_once, capsfus, input_ids, popen, stage_rows
+
+from capsfus.images import ImageReader, decode, load_image, resize_uint8
+from capsfus.manifest import Run
+from capsfus.stage import StageDir
+
+WORDS = ("a an the picture of photo dog cat red blue car man woman on in with street table "
+         "house tree sky white black two small big green field water boat").split()
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+FAST = ["--num-beams", 1, "--max-new-tokens", 6, "--min-side", 8, "--max-pixels", 4_000_000]
+
+
+# ------------------------------------------------------------------------- tiny models
+def _vocab(folder: Path) -> Path:
+    vocab = SPECIALS + WORDS + ["[DEC]"]
+    path = folder / "vocab.txt"
+    path.write_text("\n".join(vocab) + "\n")
+    return path
+
+
+def build_tiny_blip(folder: Path, image_size: int = 32, patch_size: int = 8) -> None:
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
+    tok = BertTokenizer(str(_vocab(folder)), do_lower_case=True, model_max_length=64)
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    tok.save_pretrained(folder)
+    n = len(tok)
+    cfg = BlipConfig(
+        text_config=dict(vocab_size=n, hidden_size=32, encoder_hidden_size=32,
+                         intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         max_position_embeddings=64, bos_token_id=n - 1, pad_token_id=0,
+                         sep_token_id=3, eos_token_id=3, initializer_range=0.3),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=image_size,
+                           patch_size=patch_size, initializer_range=0.3),
+        projection_dim=32, image_text_hidden_size=32)
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(cfg).save_pretrained(folder)
+    # BLIP's own preprocessing settings, read by capsfus (no transformers image processor)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "BlipImageProcessor",
+        "size": {"height": image_size, "width": image_size},
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+
+
+def build_tiny_clip(folder: Path) -> None:
+    import torch
+    from transformers import BertTokenizer, CLIPConfig, CLIPModel
+    tok = BertTokenizer(str(_vocab(folder)), do_lower_case=True, model_max_length=32)
+    tok.save_pretrained(folder)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
+                         bos_token_id=2, eos_token_id=3, pad_token_id=0),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=24, patch_size=8),
+        projection_dim=16)
+    torch.manual_seed(1)
+    CLIPModel(cfg).save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def blip_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-blip")
+    build_tiny_blip(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    build_tiny_clip(folder)
+    return folder
+
+
+# ------------------------------------------------------------------------- images
+def image_bytes(seed: int, fmt: str = "JPEG", size=(48, 40), mode: str = "RGB") -> bytes:
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    im = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        im = im.convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def huge_png(side: int = 3000) -> bytes:
+    """A small file whose header says side x side pixels (9 M > the tests' --max-pixels)."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def broken_images() -> dict[str, tuple[bytes | None, str]]:
+    """key -> (bytes or None for no image member, expected reason)."""
+    jpg = image_bytes(999, size=(64, 64))
+    return {
+        "bad_garbage": (b"this is not an image at all" * 10, "image_undecodable"),
+        "bad_truncated": (jpg[: len(jpg) // 2], "image_truncated"),
+        "bad_tiny": (image_bytes(5, "PNG", size=(4, 4)), "image_too_small"),
+        "bad_huge": (huge_png(), "image_too_large"),
+        "bad_noimage": (None, "image_missing"),
+    }
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    tf.addfile(info, io.BytesIO(data))
+
+
+def write_wds(folder: Path, n_shards: int = 2, per_shard: int = 12, broken: bool = True
+              ) -> dict[str, str | None]:
+    """img2dataset-like webdataset output: NNNNN.tar (+ the metadata .parquet and
+    _stats.json img2dataset writes beside them). Returns key -> expected reject reason."""
+    folder.mkdir(parents=True, exist_ok=True)
+    expected: dict[str, str | None] = {}
+    fmts = ["JPEG", "PNG", "WEBP"]
+    bad = list(broken_images().items()) if broken else []
+    for s in range(n_shards):
+        keys = []
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tf:
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                fmt = fmts[i % 3]
+                ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
+                data: bytes | None = image_bytes(s * 1000 + i, fmt,
+                                                 mode="L" if i == 4 else "RGB")
+                reason = None
+                if s == 0 and i < len(bad):
+                    data, reason = bad[i][1]
+                    ext = "png" if bad[i][0] in ("bad_tiny", "bad_huge") else "jpg"
+                if data is not None:
+                    _add(tf, f"{key}.{ext}", data)
+                caption = f"alt text {key} Acme photo"
+                _add(tf, f"{key}.txt", caption.encode())
+                _add(tf, f"{key}.json", json.dumps({
+                    "key": key, "url": f"https://example.org/{key}.{ext}", "caption": caption,
+                    "status": "success", "width": 48, "height": 40}).encode())
+                expected[key] = reason
+                keys.append(key)
+        pq.write_table(pa.table({"key": keys, "status": ["success"] * len(keys)}),
+                       folder / f"{s:05d}.parquet")
+        (folder / f"{s:05d}_stats.json").write_text(json.dumps({"count": len(keys)}))
+    return expected
+
+
+def write_image_parquet(path: Path, n: int = 10, with_blip: bool = True) -> list[bytes | None]:
+    images: list[bytes | None] = [image_bytes(500 + i) for i in range(n)]
+    images[3] = None                                  # a failed download: null cell
+    cols = {"url": [f"https://example.org/p{i}.jpg" for i in range(n)],
+            "caption": [f"parquet alt text {i}" for i in range(n)],
+            "key": [f"p{i:04d}" for i in range(n)],
+            "jpg": pa.array(images, pa.binary())}
+    if with_blip:
+        cols["blip"] = [f"an existing caption {i}" if i % 2 == 0 else None for i in range(n)]
+    pq.write_table(pa.table(cols), path, row_group_size=4)
+    return images
+
+
+def run_rows(run: Path, stage: str) -> dict[str, dict]:
+    out, _ = stage_rows(run, stage)
+    return {r["id"]: r for r in out}
+
+
+# ------------------------------------------------------------------------- ingest
+def test_shard_webdataset_keeps_references_not_bytes(tmp_path):
+    expected = write_wds(tmp_path / "wds")
+    run = tmp_path / "run"
+    capsfus("shard", tmp_path / "wds", "--out", run, "--rows-per-shard", 10)
+    m = Run(run).manifest()
+    assert m["mapping"]["layout"] == "img2dataset"
+    assert [Path(s["path"]).suffix for s in m["sources"]] == [".tar", ".tar"]  # metadata left
+    assert m["counts"]["accepted"] == len(expected) == 24
+    assert m["counts"]["flagged"]["no_synthetic"] == 24
+    rows = [json.loads(x) for x in capsfus("cat", run, "--stage", "input").stdout.splitlines()]
+    by_key = {r["key"]: r for r in rows}
+    assert set(by_key) == set(expected)
+    reader = ImageReader()
+    for key, r in by_key.items():
+        assert r["synthetic"] is None and r["raw"] == f"alt text {key} Acme photo"
+        assert r["url"].startswith("https://example.org/")
+        if expected[key] == "image_missing":
+            assert r["image"] is None
+            continue
+        ref = r["image"]
+        assert set(ref) == {"tar", "member", "offset", "size"} and ref["member"].startswith(key)
+        with tarfile.open(ref["tar"]) as tf:  # the reference reads exactly the member
+            assert reader.read(ref) == tf.extractfile(ref["member"]).read()
+    # no image bytes in the JSONL shards
+    assert max(len(json.dumps(r)) for r in rows) < 600
+
+
+def test_shard_truncated_tar_keeps_what_is_whole_and_says_so(tmp_path):
+    write_wds(tmp_path / "wds", n_shards=1, per_shard=6, broken=False)
+    tar = tmp_path / "wds" / "00000.tar"
+    tar.write_bytes(tar.read_bytes()[:20480])       # cut at a block boundary, mid-archive
+    run = tmp_path / "run"
+    p = capsfus("shard", tar, "--out", run)
+    c = Run(run).manifest()["counts"]
+    assert c["accepted"] == 3 and c["rejected"] == {"raw_missing": 1, "unparseable": 1}
+    assert "rejected unparseable: 1" in p.stderr
+    rej = [json.loads(x) for x in
+           capsfus("cat", run, "--stage", "input", "--rejected").stdout.splitlines()]
+    assert any("end-of-archive" in r["detail"] for r in rej)
+
+
+def test_shard_image_parquet_references_rows(tmp_path):
+    images = write_image_parquet(tmp_path / "imgs.parquet")
+    run = tmp_path / "run"
+    capsfus("shard", tmp_path / "imgs.parquet", "--out", run, "--synthetic-col", "blip")
+    rows = [json.loads(x) for x in capsfus("cat", run, "--stage", "input").stdout.splitlines()]
+    assert len(rows) == 10 and "jpg" not in rows[0]
+    reader = ImageReader()
+    for i, r in enumerate(rows):
+        assert r["image"] == {"parquet": str((tmp_path / "imgs.parquet").resolve()),
+                              "column": "jpg", "row": i}
+        assert reader.read(r["image"]) == images[i]       # across row groups of 4
+        assert r["synthetic"] == (f"an existing caption {i}" if i % 2 == 0 else None)
+    assert Run(run).manifest()["counts"]["flagged"]["no_synthetic"] == 5
+
+
+def test_img2dataset_layout_needs_images_not_urls():
+    from capsfus.errors import UserError
+    from capsfus.rows import resolve_mapping
+    m = resolve_mapping({"caption", "image", "key"}, None, None, None, None)
+    assert (m.layout, m.raw, m.synthetic, m.url) == ("img2dataset", "caption", None, None)
+    assert resolve_mapping({"caption", "image", "url"}, None, None, None, None).url == "url"
+    with pytest.raises(UserError):          # a bare caption column is not an image dataset
+        resolve_mapping({"caption", "other"}, None, None, None, None)
+
+
+def test_decode_reasons_and_resize():
+    for key, (data, reason) in broken_images().items():
+        if data is None:
+            continue
+        got = decode(data, min_side=8, max_pixels=4_000_000)
+        assert (got.image, got.reason) == (None, reason), (key, got)
+    ok = decode(image_bytes(1, "PNG", mode="L"))
+    assert ok.reason is None and ok.image.mode == "RGB"
+    rgba = decode(image_bytes(2, "PNG", mode="RGBA"))
+    assert rgba.image.mode == "RGB"
+    arr = resize_uint8(ok.image, (32, 24))
+    assert arr.shape == (32, 24, 3) and arr.dtype == np.uint8
+    crop = resize_uint8(ok.image, (24, 24), crop=True)
+    assert crop.shape == (24, 24, 3)
+    big = image_bytes(3, "JPEG", size=(512, 384))
+    drafted = decode(big, draft=32).image     # decoded at 1/8 scale in the DCT
+    assert drafted.size == (64, 48) and decode(big).image.size == (512, 384)
+    assert decode(image_bytes(3, "PNG", size=(512, 384)), draft=32).image.size == (512, 384)
+    assert load_image(ImageReader(), None).reason == "image_missing"
+    gone = {"tar": "/nonexistent.tar", "member": "x.jpg", "offset": 512, "size": 10}
+    assert load_image(ImageReader(), gone).reason == "image_unreadable"
+
+
+# ------------------------------------------------------------------------- caption stage
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, blip_dir) -> dict:
+    """An uninterrupted caption run over the webdataset input: id -> synthetic."""
+    tmp = tmp_path_factory.mktemp("ref")
+    expected = write_wds(tmp / "wds")
+    run = tmp / "run"
+    capsfus("shard", tmp / "wds", "--out", run, "--rows-per-shard", 10)
+    # chunks of 1 row: the kill test below makes the same batches (so the same captions)
+    p = capsfus("caption", run, "--model", blip_dir, "--chunk-size", 1, *FAST)
+    assert "images/s" in p.stdout + p.stderr
+    out, rej = assert_exactly_once(run, "caption")
+    return {"run": run, "expected": expected, "out": {r["id"]: r for r in out},
+            "rej": {r["id"]: r for r in rej}}
+
+
+def test_caption_fills_synthetic_and_rejects_bad_images_with_reasons(reference, blip_dir):
+    out, rej, expected = reference["out"], reference["rej"], reference["expected"]
+    by_key = {r["key"]: r for r in list(out.values()) + list(rej.values())}
+    for key, reason in expected.items():
+        r = by_key[key]
+        if reason is None:
+            assert r["id"] in out, (key, r.get("reason"), r.get("detail"))
+            assert isinstance(r["synthetic"], str) and r["synthetic"].strip()
+            assert set(r["synthetic"].split()) <= set(WORDS)      # decoded from the vocab
+            assert r["synthetic_origin"] == "caption" and r["caption_format"] == "short"
+            assert r["synthetic_model"] == str(blip_dir) and r["image"]["tar"]
+        else:
+            assert rej[r["id"]]["reason"] == reason, (key, rej[r["id"]])
+    # the captions depend on the image (not one caption for every row)
+    assert len({r["synthetic"] for r in out.values()}) > 3
+    st = json.loads(capsfus("status", reference["run"], "--json").stdout)
+    cap = next(s for s in st["stages"] if s["stage"] == "caption")
+    assert cap["throughput_images_per_s"] > 0
+    assert cap["reasons"] == {r: 1 for r in expected.values() if r}
+    assert "images/s" in capsfus("status", reference["run"], "--stage", "caption").stdout
+
+
+@pytest.mark.slow
+def test_kill9_at_random_moments_and_crash_points_then_resume_exactly_once(tmp_path, reference,
+                                                                       blip_dir):
+    write_wds(tmp_path / "wds")
+    run = tmp_path / "run"
+    capsfus("shard", tmp_path / "wds", "--out", run, "--rows-per-shard", 10)
+    args = ("caption", run, "--model", blip_dir, "--chunk-size", 1, *FAST)
+    # a crash at an injected point first, then SIGKILLs at random moments
+    p = capsfus(*args, check=False, CAPSFUS_CRASH_AT="after_state:2")
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    rnd = random.Random(3)
+    stage = StageDir(Run(run), "caption")
+
+    def rows_done() -> int:
+        return sum(st.get("rows_done", 0) if st["status"] != "done" else st["rows_total"]
+                   for st in stage.all_states().values())
+
+    mid_run = 0
+    for _ in range(3):
+        before = rows_done()
+        proc = popen(*args)
+        # once the model is loaded and a new chunk is committed, kill at a random moment
+        deadline = time.time() + 60
+        while rows_done() == before and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rnd.uniform(0.0, 0.1))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            mid_run += rows_done() < 24
+        proc.wait()
+    assert mid_run >= 1, mid_run
+    capsfus(*args)
+    out, rej = assert_exactly_once(run, "caption")
+    # identical to the uninterrupted run, row for row (ids are file:row, same files' names)
+    assert {r["id"]: r["synthetic"] for r in out} == \
+        {k: r["synthetic"] for k, r in reference["out"].items()}
+    assert {r["id"]: r["reason"] for r in rej} == \
+        {k: r["reason"] for k, r in reference["rej"].items()}
+    for shard, st in stage.all_states().items():   # nothing left that no state lists
+        assert {p.name for p in stage.out_dir(shard).iterdir()} == {st["final"]["out"]["file"]}
+
+
+def test_parquet_keeps_existing_captions_unless_overwrite_then_fuse(tmp_path, blip_dir):
+    write_image_parquet(tmp_path / "imgs.parquet")
+    run = tmp_path / "run"
+    capsfus("shard", tmp_path / "imgs.parquet", "--out", run, "--synthetic-col", "blip",
+            "--rows-per-shard", 6)
+    capsfus("caption", run, "--model", blip_dir, "--chunk-size", 3, "--decode-threads", 0,
+            *FAST)
+    out, rej = assert_exactly_once(run, "caption")
+    by_key = {r["key"]: r for r in out}
+    assert [r["key"] for r in rej] == ["p0003"] and rej[0]["reason"] == "image_missing"
+    for i in range(10):
+        if i == 3:
+            continue
+        r = by_key[f"p{i:04d}"]
+        if i % 2 == 0:
+            assert r["synthetic"] == f"an existing caption {i}"
+            assert r["synthetic_origin"] == "source"
+        else:
+            assert r["synthetic_origin"] == "caption" and r["synthetic"]
+    # the settings rule: a changed output-shaping flag needs --force
+    p = capsfus("caption", run, "--model", blip_dir, "--chunk-size", 3, "--overwrite", *FAST,
+                check=False)
+    assert p.returncode == 2 and "--force" in p.stderr and "Traceback" not in p.stderr
+    capsfus("caption", run, "--model", blip_dir, "--chunk-size", 3, "--overwrite", "--force",
+            *FAST)
+    out2, _ = assert_exactly_once(run, "caption")
+    again = {r["key"]: r for r in out2}
+    for i in (0, 2, 4):
+        r = again[f"p{i:04d}"]
+        assert r["synthetic_origin"] == "caption"
+        assert r["synthetic_before"] == f"an existing caption {i}"
+    for i in (1, 5, 7):   # threaded and in-line decoding caption the same
+        assert again[f"p{i:04d}"]["synthetic"] == by_key[f"p{i:04d}"]["synthetic"]
+    # fuse reads the caption stage: every input row ends in caption/rejected or in fuse
+    capsfus("fuse", run, "--engine", "echo", "--chunk-size", 4)
+    fused, fuse_rej = stage_rows(run, "fuse")
+    assert not fuse_rej
+    assert sorted([r["id"] for r in fused] + [r["id"] for r in rej]) == sorted(input_ids(run))
+    for r in fused:
+        assert r["synthetic"] == again[r["key"]]["synthetic"] and r["synthetic"] in r["fused"]
+        assert r["raw"] in r["fused"]
+    assert json.loads((run / "fuse" / "config.json").read_text())["input_stage"] == "caption"
+
+
+def test_candidates_reranked_with_clip_are_seeded(tmp_path, blip_dir, clip_dir):
+    write_wds(tmp_path / "wds", n_shards=1, per_shard=6, broken=False)
+    results = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        capsfus("shard", tmp_path / "wds", "--out", run)
+        capsfus("caption", run, "--model", blip_dir, "--candidates", 4, "--clip-model", clip_dir,
+                "--batch-size", 4, *FAST)
+        out, rej = assert_exactly_once(run, "caption")
+        assert not rej
+        results.append({r["id"]: (r["synthetic"], r["synthetic_clip_score"]) for r in out})
+    assert results[0] == results[1]                 # seeded per batch: reproducible
+    for text, score in results[0].values():
+        assert text and -1.0 <= score <= 1.0
+    cfg = json.loads((tmp_path / "a" / "caption" / "config.json").read_text())["settings"]
+    assert cfg["decoding"]["candidates"] == 4 and cfg["clip_revision"].startswith("local:")
+
+
+def test_candidates_pick_the_best_clip_score(blip_dir, clip_dir):
+    """In process: the kept caption is the best-scoring of the sampled candidates."""
+    from capsfus.engines.blip import BlipCaptioner
+    cap = BlipCaptioner(str(blip_dir), batch_size=4, num_beams=1, max_new_tokens=6,
+                        candidates=5, clip_folder=str(clip_dir))
+    seen = []
+    generate = cap.model.generate
+
+    def spy(**kw):                      # keep what BLIP sampled
+        seqs = generate(**kw)
+        seen.append(seqs)
+        return seqs
+
+    cap.model.generate = spy
+    ims = [decode(image_bytes(i)).image for i in range(3)]
+    px = np.stack([resize_uint8(im, cap.input_size) for im in ims])
+    cx = np.stack([resize_uint8(im, cap.clip_input_size, crop=True) for im in ims])
+    got = cap.caption(px, ["x:0", "x:1", "x:2"], cx)
+    assert len(seen) == 1 and seen[0].shape[0] == 15
+    texts = [t.strip() for t in cap.tokenizer.batch_decode(seen[0][:, cap._prompt_len:],
+                                                           skip_special_tokens=True)]
+    for j, c in enumerate(got):
+        cands = sorted({t for t in texts[j * 5:(j + 1) * 5] if t})
+        scores = cap.clip.scores(cx[j:j + 1], [cands])[0]
+        assert c.text == cands[int(np.argmax(scores))] and c.candidates == 5
+        assert abs(c.score - max(scores)) < 1e-4
+
+
+def test_user_errors_are_one_line(tmp_path, blip_dir):
+    write_wds(tmp_path / "wds", n_shards=1, per_shard=3, broken=False)
+    run = tmp_path / "run"
+    capsfus("shard", tmp_path / "wds", "--out", run)
+    for args, needle in [
+        (("--format", "dense"), "needs an instruction-following VLM"),
+        (("--clip-model", blip_dir), "give --candidates K"),
+        (("--engine", "vllm", "--model", blip_dir), "needs vLLM"),   # not installed here
+        (("--model", tmp_path / "nope"), "does not exist"),
+    ]:
+        model = () if "--model" in args else ("--model", blip_dir)
+        p = capsfus("caption", run, *model, *args, check=False)
+        assert p.returncode == 2, (args, p.stderr[-1500:])
+        assert needle in p.stderr and "Traceback" not in p.stderr, p.stderr[-1500:]
+
+
+def test_preset_and_submit_dry_run(tmp_path):
+    write_wds(tmp_path / "wds", n_shards=1, per_shard=3, broken=False)
+    run = tmp_path / "run"
+    capsfus("shard", tmp_path / "wds", "--out", run)
+    p = capsfus("submit", "caption", run, "--preset", "jobs/caption-blip-large.yaml",
+                "--nodes", 2, "--gpus-per-node", 8, "--dry-run", "--max-array-size", 100)
+    assert "#SBATCH" in p.stdout and "1 shard(s) to do, 1 worker(s)" in p.stdout + p.stderr
+    assert not (run / "caption" / "config.json").exists()      # a dry run writes nothing
+    bad = tmp_path / "bad.yaml"                                 # preset values are used
+    bad.write_text("model: Salesforce/blip-image-captioning-large\ncandidates: 0\n")
+    p = capsfus("caption", run, "--preset", bad, check=False)
+    assert p.returncode == 2 and "--candidates" in p.stderr, p.stderr[-1000:]
+
+
+def test_no_torchvision_and_job_round_trip(tmp_path, blip_dir):
+    from capsfus.stages import job_from_dict
+    from capsfus.stages.caption import CaptionJob
+    job = CaptionJob(run_dir=str(tmp_path), model=str(blip_dir), candidates=3,
+                     clip_model="org/clip", prompt="a picture of", chunk_size=7)
+    again = job_from_dict(json.loads(json.dumps(job.to_dict())))
+    assert again == job
+    code = ("import sys, numpy as np; from capsfus.engines.blip import BlipCaptioner;"
+            f"c = BlipCaptioner({str(blip_dir)!r}, num_beams=1, max_new_tokens=4, "
+            "prompt='a picture of');"
+            "print(c.caption(np.zeros((2, 32, 32, 3), np.uint8), ['a', 'b']));"
+            "assert 'torchvision' not in sys.modules")
+    import subprocess
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "Caption(text=" in p.stdout
+
+
+# ------------------------------------------------------------------------- SLURM
+@pytest.mark.slurm
+def test_submit_caption_on_slurm_then_resume_rebuilds_it(slurm_cluster, tmp_path, blip_dir):
+    from test_slurm_fuse import wait_jobs
+    expected = write_wds(tmp_path / "wds")
+    run = tmp_path / "run"
+    capsfus("shard", tmp_path / "wds", "--out", run, "--rows-per-shard", 8)   # 3 shards
+    capsfus("submit", "caption", run, "--model", blip_dir, "--chunk-size", 4, *FAST,
+            "--shards", "0-1", "--workers-per-node", 2, "--time", "00:10:00",
+            SLURM_CONF=slurm_cluster.conf)
+    wait_jobs(slurm_cluster, run, stage="caption", timeout=240)
+    stage = StageDir(Run(run), "caption")
+    assert sorted(stage.all_states()) == [0, 1]
+    # resume rebuilds the recorded job (job_from_dict) and runs what is left: shard 2
+    p = capsfus("resume", run, "--stage", "caption", SLURM_CONF=slurm_cluster.conf)
+    assert "1 shard(s) to do" in p.stdout + p.stderr
+    wait_jobs(slurm_cluster, run, stage="caption", timeout=240)
+    out, rej = assert_exactly_once(run, "caption")
+    assert len(out) + len(rej) == len(expected)
+    assert sorted(r["reason"] for r in rej) == sorted(r for r in expected.values() if r)
+    assert all(r["synthetic_origin"] == "caption" and r["synthetic"] for r in out)
+    p = capsfus("resume", run, "--stage", "caption", SLURM_CONF=slurm_cluster.conf)
+    assert "nothing to resume" in p.stdout + p.stderr
