@@ -43,6 +43,12 @@ def _caption_options(f):
                      show_default=True,
                      help="Caption format, stored per row (`caption_format`): short (BLIP, "
                           "LAION-COCO style), descriptive or dense (VLMs through vllm)."),
+        click.option("--tag", help="Another caption stage, caption@TAG, after the existing "
+                                   "ones (e.g. a --format dense pass into --column "
+                                   "synthetic_dense, for caption mixes at export)."),
+        click.option("--column", default="synthetic", show_default=True,
+                     help="Column the caption goes to; another name (synthetic_dense) keeps "
+                          "`synthetic` for fusion and adds a caption `export --mix` can use."),
         click.option("--overwrite", is_flag=True,
                      help="Caption rows that already have a synthetic caption too (the old "
                           "one is kept as `synthetic_before`)."),
@@ -91,10 +97,12 @@ def _caption_job(run_dir: str, kw: dict):
     if kw["engine"] == "vllm" and kw["model"] == DEFAULT_MODEL:
         raise UserError("--engine vllm captions with a vision-language chat model: pass "
                         "--model (e.g. Qwen/Qwen2-VL-7B-Instruct)")
+    from .manifest import stage_name
     run = Run(Path(run_dir).resolve())  # workers and logs get absolute paths
     manifest = run.manifest()
     job = CaptionJob(
-        run_dir=str(run.root), model=kw["model"], revision=kw["revision"],
+        run_dir=str(run.root), stage=stage_name("caption", kw["tag"]), column=kw["column"],
+        model=kw["model"], revision=kw["revision"],
         engine=kw["engine"], dtype=kw["dtype"], batch_size=kw["batch_size"],
         prompt=kw["prompt"], format=kw["format"], num_beams=kw["num_beams"],
         max_new_tokens=kw["max_new_tokens"], candidates=kw["candidates"], seed=kw["seed"],

@@ -11,6 +11,7 @@ Which rows: the run's last caption stage, ``filter`` when it exists (its kept ro
 it dropped with their reasons), else ``fuse``, else ``input``. Rows a stage refused (``fuse``'s
 ``no_synthetic``, ``generation_error``…) are read too, so every input row is accounted for: it
 is exported, or counted under the reason it is not (``filter:<rule>``, ``fuse:<reason>``,
+``caption:<reason>`` (a missing or broken image: never exported, whatever the mix),
 ``excluded_id``, ``excluded_url``, ``punsafe``, ``pwatermark``, ``no_caption``). The counts must
 add up to the rows the run accepted at ingest, or the export fails.
 
@@ -178,6 +179,7 @@ class SourceRow:
     row: dict
     fused_ok: bool                      # the fused caption exists and the filter kept it
     why_not: str | None                 # why there is no usable fused caption
+    unusable: bool = False              # the row itself is out (its image failed captioning)
 
 
 def _stage_of(run: Run, stage: str | None) -> str:
@@ -251,11 +253,13 @@ class RowReader:
             yield SourceRow(row, ok, None if ok else "fused_empty")
         for row in top.iter_rows(shard, rejected=True):
             yield SourceRow(row, False, f"{top.name.split('@')[0]}:{row.get('reason', 'unknown')}")
-        # rows an earlier stage refused never reached the top stage
+        # rows an earlier stage refused never reached the top stage; a caption stage refuses
+        # rows whose image is missing or broken: no caption mix can make those a pair
         for sd in self.chain[1:]:
+            base = sd.name.split("@")[0]
             for row in sd.iter_rows(shard, rejected=True):
-                yield SourceRow(row, False,
-                                f"{sd.name.split('@')[0]}:{row.get('reason', 'unknown')}")
+                yield SourceRow(row, False, f"{base}:{row.get('reason', 'unknown')}",
+                                unusable=base == "caption")
 
 
 # --------------------------------------------------------------------------- writing
@@ -652,6 +656,9 @@ def _export_group(plan: _Plan, index: int, shards: list[int],
             seen += 1
             row = sr.row
             rid = str(row.get(ID))
+            if sr.unusable:
+                excluded[sr.why_not] += 1
+                continue
             if rid in plan.ex_ids:
                 excluded["excluded_id"] += 1
                 continue

@@ -520,3 +520,47 @@ def test_submit_caption_on_slurm_then_resume_rebuilds_it(slurm_cluster, tmp_path
     assert all(r["synthetic_origin"] == "caption" and r["synthetic"] for r in out)
     p = capsfus("resume", run, "--stage", "caption", SLURM_CONF=slurm_cluster.conf)
     assert "nothing to resume" in p.stdout + p.stderr
+
+
+def test_a_second_caption_column_chains_into_fuse_and_the_export_mix(tmp_path, blip_dir):
+    """Issue 8: a second caption pass (caption@TAG into another column) chains after the
+    first, fusion reads the chain's end, and `export --mix` draws from both columns."""
+    write_image_parquet(tmp_path / "imgs.parquet", with_blip=False)
+    run = tmp_path / "run"
+    capsfus("shard", tmp_path / "imgs.parquet", "--out", run, "--rows-per-shard", 6)
+    capsfus("caption", run, "--model", blip_dir, "--chunk-size", 3, *FAST)
+    capsfus("caption", run, "--model", blip_dir, "--chunk-size", 3, "--tag", "long",
+            "--column", "synthetic_long", "--max-new-tokens", 12, "--prompt", "a picture of",
+            *FAST)
+    cfg = json.loads((run / "caption@long" / "config.json").read_text())
+    assert cfg["input_stage"] == "caption" and cfg["settings"]["column"] == "synthetic_long"
+    first = {r["id"]: r for r in stage_rows(run, "caption")[0]}
+    out, rej = stage_rows(run, "caption@long")
+    # exactly the rows the first pass kept (its rejects never reach the second), once each
+    assert sorted(r["id"] for r in out) == sorted(first) and rej == []
+    for r in out:
+        assert r["synthetic"] == first[r["id"]]["synthetic"]       # the first column stays
+        assert r["synthetic_long"] and r["synthetic_long_format"] == "short"
+    # rerunning a stage keeps its place in the chain; a new reader takes the chain's end
+    capsfus("caption", run, "--model", blip_dir, "--chunk-size", 3, "--tag", "long",
+            "--column", "synthetic_long", "--max-new-tokens", 12, "--prompt", "a picture of",
+            *FAST)
+    capsfus("fuse", run, "--engine", "echo")
+    assert json.loads((run / "fuse" / "config.json").read_text())["input_stage"] == \
+        "caption@long"
+    exp = tmp_path / "exp"
+    capsfus("export", run, "--out", exp, "--mix", "synthetic=0.5,synthetic_long=0.5",
+            "--seed", 3)
+    import pyarrow.parquet as pq
+    rows = pq.read_table(exp / "data" / "train-00000-of-00001.parquet").to_pylist()
+    long_by_id = {r["id"]: r["synthetic_long"] for r in out}
+    assert {r["caption_source"] for r in rows} == {"synthetic", "synthetic_long"}
+    for r in rows:
+        want = long_by_id[r["id"]] if r["caption_source"] == "synthetic_long" else \
+            r["synthetic"]
+        assert r["caption"] == want and r["synthetic_long"] == long_by_id[r["id"]]
+    summary = json.loads((exp / "capsfus-export.json").read_text())
+    assert summary["rows"]["exported"] == len(rows) == len(out)
+    # the row whose image is missing is out whatever the mix (its raw caption has no picture)
+    assert summary["rows"]["excluded"] == {"caption:image_missing": 1}
+    assert [s["stage"] for s in summary["stages"]] == ["fuse", "caption@long", "caption"]

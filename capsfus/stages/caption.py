@@ -74,6 +74,7 @@ class CaptionJob:
     decode_threads: int = 4
     chunk_size: int = 256
     tensor_parallel_size: int = 1
+    column: str = SYNTHETIC                 # where the caption goes (e.g. synthetic_dense)
 
     def __post_init__(self):
         from ..errors import UserError
@@ -92,6 +93,10 @@ class CaptionJob:
             raise UserError("--candidates works with --engine transformers (BLIP) only")
         if self.chunk_size < 1:
             raise UserError("--chunk-size must be at least 1")
+        if not self.column.isidentifier() or self.column in ("id", "raw", "url", "fused",
+                                                             "image"):
+            raise UserError(f"--column {self.column!r}: a new column name such as "
+                            f"synthetic_dense (letters, digits, _), or synthetic")
 
     def new_tokens(self) -> int:
         if self.max_new_tokens:
@@ -115,6 +120,7 @@ class CaptionJob:
                 "decoding": dec, "clip_model": self.clip_model,
                 "clip_revision": self.clip_revision, "overwrite": self.overwrite,
                 "min_side": self.min_side, "max_pixels": self.max_pixels,
+                "column": self.column,
                 "decode": "pillow, jpeg draft to the model's input size"}
 
     def to_dict(self) -> dict:
@@ -136,7 +142,7 @@ class CaptionJob:
         if self.clip_model:
             _, crev = resolve_model(self.clip_model, self.clip_revision)
             job = replace(job, clip_model=_absolute(self.clip_model), clip_revision=crev)
-        return job, "input", job.settings()
+        return job, caption_input(run, exclude=self.stage), job.settings()
 
     def open(self):
         from . import Opened
@@ -220,7 +226,8 @@ class CaptionProcessor:
         return map_threaded(self._decode, refs, threads)
 
     def prepare(self, rows: list[dict]) -> CaptionPrepared:
-        todo = [i for i, r in enumerate(rows) if self.job.overwrite or not r.get(SYNTHETIC)]
+        col = self.job.column
+        todo = [i for i, r in enumerate(rows) if self.job.overwrite or not r.get(col)]
         p = CaptionPrepared(rows, todo)
         if self.job.decode_threads > 0:
             p.decoded = self._decode_all([rows[i].get(IMAGE) for i in todo],
@@ -253,12 +260,17 @@ class CaptionProcessor:
                 if not c.text:
                     refused[i] = {**row, "reason": "caption_empty", "detail": ""}
                     continue
-                new = {**row, SYNTHETIC: c.text, "synthetic_origin": "caption",
-                       "synthetic_model": self.job.model, "caption_format": self.job.format}
-                if row.get(SYNTHETIC):
-                    new["synthetic_before"] = row[SYNTHETIC]      # --overwrite
+                col = self.job.column
+                if col == SYNTHETIC:
+                    new = {**row, SYNTHETIC: c.text, "synthetic_origin": "caption",
+                           "synthetic_model": self.job.model, "caption_format": self.job.format}
+                else:           # a second caption column (another --format), for the mixes
+                    new = {**row, col: c.text, f"{col}_model": self.job.model,
+                           f"{col}_format": self.job.format}
+                if row.get(col):
+                    new[f"{col}_before"] = row[col]      # --overwrite
                 if c.score is not None:
-                    new["synthetic_clip_score"] = c.score
+                    new[f"{col}_clip_score"] = c.score
                 done[i] = new
         out, rejected = [], []
         for i, row in enumerate(p.rows):
@@ -266,6 +278,35 @@ class CaptionProcessor:
                 rejected.append(refused[i])
             elif i in done:
                 out.append(done[i])
-            else:
+            elif self.job.column == SYNTHETIC:
                 out.append({**row, "synthetic_origin": row.get("synthetic_origin", "source")})
+            else:
+                out.append(row)
         return out, rejected
+
+
+def caption_input(run, exclude: str | None = None) -> str:
+    """The stage a reader of captions takes its rows from: the last caption stage of the run's
+    chain (``caption``, then each ``caption@TAG`` reading the one before it), else ``input``.
+
+    A caption stage that already exists keeps the input it was made with (its config); a new
+    one (``exclude``: itself) reads the current last one, so caption stages always form one
+    chain and ``fuse``, ``teacher`` and ``export`` see every caption column.
+    """
+    from ..io import read_json
+    if exclude:
+        cfg = run.root / exclude / "config.json"
+        if cfg.exists():
+            return read_json(cfg).get("input_stage") or "input"
+    stages = [s for s in run.stages() if s.split("@")[0] == "caption" and s != exclude
+              and (run.root / s / "config.json").exists()]
+    read_by_another = {read_json(run.root / s / "config.json").get("input_stage")
+                       for s in stages}
+    leaves = [s for s in stages if s not in read_by_another]
+    if not leaves:
+        return "input"
+    if len(leaves) > 1:
+        from ..errors import UserError
+        raise UserError(f"the caption stages of {run.root} do not form one chain (ends: "
+                        f"{', '.join(leaves)}); remove the stray one")
+    return leaves[0]

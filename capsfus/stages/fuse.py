@@ -146,7 +146,8 @@ class FuseJob:
             from ..models import resolve_model
             _, revision = resolve_model(self.spec.model, self.spec.revision, self.spec.gguf_file)
         job = replace(self, spec=replace(self.spec, revision=revision))
-        input_stage = "caption" if (run.root / "caption" / "config.json").exists() else "input"
+        from .caption import caption_input
+        input_stage = caption_input(run)
         return job, input_stage, job.settings(revision)
 
     def open(self):

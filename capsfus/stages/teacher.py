@@ -117,7 +117,8 @@ class TeacherOptions:
 
 def input_stage_of(run: Run) -> str:
     """As fusion: the caption stage when the run has one, else the input."""
-    return "caption" if (run.root / "caption" / "config.json").exists() else "input"
+    from .caption import caption_input
+    return caption_input(run)
 
 
 # --- approximate tokens for the prompt budget (the endpoint's tokenizer is not known here) --
