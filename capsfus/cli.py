@@ -777,14 +777,16 @@ main.add_command(filter_cmd)
 main.add_command(stats_cmd)
 from .cli_export import export_cmd  # noqa: E402
 main.add_command(export_cmd)
-from .cli_hub import push  # noqa: E402
+from .cli_eval import bench, eval_cmd, plan_cmd  # noqa: E402
+main.add_command(eval_cmd); main.add_command(bench); main.add_command(plan_cmd)  # noqa: E702
+from .cli_train import add_train_commands  # noqa: E402
+add_train_commands(main, submit, _executor_options, _executor_kwargs)
 from .cli_caption import caption_cmd, submit_caption_cmd  # noqa: E402
 main.add_command(caption_cmd); submit.add_command(submit_caption_cmd(_executor_options))  # noqa: E702
+from .cli_hub import push  # noqa: E402
 main.add_command(push)
 from .cli_teacher import teacher_cmd  # noqa: E402
 main.add_command(teacher_cmd)
-from .cli_eval import bench, eval_cmd, plan_cmd  # noqa: E402
-main.add_command(eval_cmd); main.add_command(bench); main.add_command(plan_cmd)  # noqa: E702
 
 if __name__ == "__main__":
     main()
