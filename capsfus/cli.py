@@ -117,10 +117,15 @@ def shard(inputs, out, rows_per_shard, raw_col, synthetic_col, url_col, id_col, 
 # ---------------------------------------------------------------------------------------------
 def _engine_options(f):
     opts = [
-        click.option("--engine", type=click.Choice(["transformers", "vllm", "echo"]),
+        click.option("--engine", type=click.Choice(["transformers", "vllm", "openai", "echo"]),
                      default="transformers", show_default=True,
                      help="transformers: CPU or GPU, anywhere; vllm: GPU, fastest (untested "
-                          "here); echo: deterministic test engine."),
+                          "here); openai: any OpenAI-compatible --endpoint (e.g. a `vllm "
+                          "serve`); echo: deterministic test engine."),
+        click.option("--endpoint", help="openai engine: base URL, e.g. http://host:8000/v1."),
+        click.option("--api-key-env", default=None,
+                     help="openai engine: environment variable holding the API key "
+                          "(default OPENAI_API_KEY; the key itself is never recorded)."),
         click.option("--model", "-m", help="Hub id or local folder of a causal LM."),
         click.option("--revision", help="Hub revision (branch, tag or commit); resolved to a "
                                         "commit and recorded."),
@@ -187,6 +192,8 @@ def _spec_from(kw: dict):
     from .engines import Decoding, EngineSpec
     if kw["engine"] == "echo" and kw.get("model") not in (None, "echo"):
         raise UserError("--engine echo takes no --model")
+    if kw.get("endpoint") and kw["engine"] != "openai":
+        raise UserError("--endpoint goes with --engine openai")
     if kw["engine"] != "echo" and not kw.get("model"):
         raise UserError(f"--engine {kw['engine']} needs --model (a Hub id or a local folder)")
     dec = Decoding(max_new_tokens=kw["max_new_tokens"], num_beams=kw["num_beams"],
@@ -199,7 +206,8 @@ def _spec_from(kw: dict):
                       max_prompt_tokens=kw.get("max_prompt_tokens"),
                       chat_template=kw["chat_template"], dtype=kw["dtype"],
                       gguf_file=kw.get("gguf_file"),
-                      tensor_parallel_size=kw["tensor_parallel_size"])
+                      tensor_parallel_size=kw["tensor_parallel_size"],
+                      endpoint=kw.get("endpoint"), api_key_env=kw.get("api_key_env"))
 
 
 class _StageProgress:

@@ -229,9 +229,13 @@ def _run_leased(ctx: StageContext, shard: int, lease: Lease) -> ShardResult:
         if isinstance(err, Fenced):
             log.warning("%s", err)
             return ShardResult(shard, "fenced", error=str(err))
+        from .errors import UserError
         msg = f"{type(err).__name__}: {err}"
-        log.error("shard %d failed: %s\n%s", shard, msg,
-                  "".join(traceback.format_exception(err)))
+        if isinstance(err, UserError):      # a clear cause (bad key, endpoint…): no traceback
+            log.error("shard %d failed: %s", shard, err)
+        else:
+            log.error("shard %d failed: %s\n%s", shard, msg,
+                      "".join(traceback.format_exception(err)))
         state["status"] = "failed"
         state["last_error"] = {"message": msg[:2000], "time": time.time(), "epoch": lease.epoch}
         try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..errors import UserError
 from .base import Decoding, Engine, EngineSpec, Generation, GenerationError
 
-ENGINES = ("transformers", "vllm", "echo")
+ENGINES = ("transformers", "vllm", "openai", "echo")
 
 __all__ = ["Decoding", "Engine", "EngineSpec", "Generation", "GenerationError", "ENGINES",
            "load_engine"]
@@ -31,4 +31,9 @@ def load_engine(spec: EngineSpec) -> Engine:
             raise UserError("--engine vllm needs --model")
         from .vllm_engine import VllmEngine
         return VllmEngine(spec)
+    if spec.engine == "openai":
+        if not spec.model:
+            raise UserError("--engine openai needs --model (the name the endpoint serves)")
+        from .openai_engine import OpenAIEngine
+        return OpenAIEngine(spec)
     raise UserError(f"unknown engine {spec.engine!r}; choose one of {', '.join(ENGINES)}")

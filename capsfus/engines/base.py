@@ -48,6 +48,8 @@ class EngineSpec:
     gguf_file: str | None = None
     tensor_parallel_size: int = 1
     device: str = "auto"
+    endpoint: str | None = None       # openai: the server's base URL (not output-shaping)
+    api_key_env: str | None = None    # openai: the variable holding the key (never the key)
 
 
 class Engine:

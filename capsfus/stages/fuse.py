@@ -142,7 +142,7 @@ class FuseJob:
         worker starts) and reads the caption stage when the run has one."""
         from dataclasses import replace
         revision = None
-        if self.spec.engine != "echo":
+        if self.spec.engine not in ("echo", "openai"):     # openai: the server's model name
             from ..models import resolve_model
             _, revision = resolve_model(self.spec.model, self.spec.revision, self.spec.gguf_file)
         job = replace(self, spec=replace(self.spec, revision=revision))
