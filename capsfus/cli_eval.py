@@ -131,6 +131,8 @@ def eval_cmd(candidate, stage, tag, candidate_col, label, reference, reference_s
         stage = stage_name("fuse", tag)
     if limit is not None and limit < 1:
         raise UserError("--limit must be at least 1")
+    if judge_rows < 1:
+        raise UserError("--judge-rows must be at least 1")
     if bool(judge_endpoint) != bool(judge_model):
         raise UserError("--judge-endpoint and --judge-model go together")
     if judge_against == "reference" and not reference:

@@ -128,12 +128,14 @@ async def _judge_all(items, client, console=None):
         return {**rec, "outcome": outcome, "disagreed": disagreed}
 
     try:
-        # one row first: an unreachable judge shows up before N requests are queued
-        first = await one(items[0])
+        # a row the judge must see goes first (identical texts are never sent): an unreachable
+        # judge shows up before N requests are queued
+        order = sorted(items, key=lambda it: _same(it[1], it[2]))
+        first = await one(order[0])
         if first.get("error") in ("connection_error", "timeout"):
             return None, f"judge endpoint unreachable ({first['error']}: {first['detail'][:200]})"
-        rest = await asyncio.gather(*(one(it) for it in items[1:]))
-        return [first, *rest], None
+        rest = await asyncio.gather(*(one(it) for it in order[1:]))
+        return sorted([first, *rest], key=lambda r: r["row"]), None
     except EndpointFatal as e:
         return None, str(e)
     finally:
@@ -158,6 +160,8 @@ def run_judge(pairs: list[dict], candidate: str, against: str, endpoint: str, mo
     picks = sorted(random.Random(0).sample(range(len(pairs)), min(rows, len(pairs))))
     items = [(i, texts[candidate][i], texts[against][i], pairs[i]["raw"], pairs[i]["synthetic"])
              for i in picks]
+    if not items:
+        return {**record, "status": "not run", "reason": "no rows to judge"}
     key = os.environ.get(api_key_env, "").strip() or "EMPTY"   # local servers need none
     try:
         client = OpenAIClient(ClientSettings(endpoint=endpoint, model=model,
@@ -180,10 +184,12 @@ def run_judge(pairs: list[dict], candidate: str, against: str, endpoint: str, mo
             totals[r["outcome"]] += 1
         r["id"] = pairs[r["row"]]["id"]
     judged = sum(totals.values())
-    if not judged:
-        errors = sorted({r.get("error") for r in results})
+    if not any(r["outcome"] and r.get("sent") for r in results):
+        # identical texts are decided here, not by the judge: alone they are no judge result
+        errors = sorted({r["error"] for r in results if r.get("error")})
         return {**record, "status": "not run",
-                "reason": f"no row could be judged ({', '.join(map(str, errors))})",
+                "reason": (f"no row could be judged ({', '.join(errors)})" if errors else
+                           "every sampled row's two captions are identical: nothing to judge"),
                 "rows": results}
     return {**record, "status": "done", "totals": totals, "judged": judged,
             "requested_rows": len(items),

@@ -31,7 +31,8 @@ Interface::
 - ``before_attempt(n)``: an optional async hook called before each attempt; returning False
   ends the call with ``reason="budget"`` (the teacher reserves cost there).
 - ``Reply.uncertain``: attempts that failed after the request may have reached the model
-  (timeout, dropped connection, malformed body); they may have been billed.
+  (timeout, dropped connection, malformed body), and an answer without ``usage``; they may
+  have been billed (``usage`` is None then).
 
 Transport: the ``openai`` package (``AsyncOpenAI``, or ``AsyncAzureOpenAI`` for Azure's
 ``…/openai/deployments/NAME?api-version=V`` URLs) with its own retries off, through
@@ -201,6 +202,8 @@ class OpenAIClient:
         import openai
         if settings.api not in ("chat", "completions"):
             raise UserError(f"--api {settings.api}: use chat or completions")
+        if settings.concurrency < 1:
+            raise UserError(f"concurrency {settings.concurrency}: must be at least 1")
         self.s = settings
         self._key = api_key
         self._openai = openai
@@ -335,14 +338,15 @@ class OpenAIClient:
             choice = body["choices"][0]
             out = choice["message"]["content"] if self.s.api == "chat" else choice["text"]
             finish = choice.get("finish_reason")
-            u = body.get("usage") or {}
-            usage = {"prompt_tokens": int(u.get("prompt_tokens") or 0),
-                     "completion_tokens": int(u.get("completion_tokens") or 0)}
+            u = body.get("usage")
+            usage = None if not u else {"prompt_tokens": int(u.get("prompt_tokens") or 0),
+                                        "completion_tokens": int(u.get("completion_tokens") or 0)}
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise _Retry("malformed_response", f"unreadable answer body ({type(e).__name__}: "
                          f"{self._redact(text[:120])!r})", uncertain=True)
+        # an answer without usage was billed all the same, at an unknown amount: uncertain
         common = dict(finish_reason=finish, usage=usage, model=body.get("model"),
-                      attempts=attempt, uncertain=uncertain, retries=retries)
+                      attempts=attempt, uncertain=uncertain + (usage is None), retries=retries)
         if finish == "content_filter":
             return Reply(False, reason="content_filter", detail="the endpoint's content filter "
                          "withheld the answer", **common)

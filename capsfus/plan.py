@@ -165,8 +165,13 @@ def make_plan(rows: int, gpus: int, throughput: float, *, rows_per_shard: int = 
         raise UserError("--rows and --gpus must be at least 1")
     if throughput <= 0:
         raise UserError("the throughput must be > 0 captions/s per GPU")
-    if rows_per_shard < 1:
-        raise UserError("--rows-per-shard must be at least 1")
+    for flag, v in (("--rows-per-shard", rows_per_shard), ("--gpus-per-node", gpus_per_node),
+                    ("--max-array-size", max_array_size), ("--filter-workers", filter_workers),
+                    ("--export-workers", export_workers)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag} must be at least 1")
+    if not time_limit_h > 0:
+        raise UserError("--time-limit-h must be > 0")
     m = dict(MEASURED if measured is None else measured)
     shards = math.ceil(rows / rows_per_shard)
     workers = min(gpus, shards)

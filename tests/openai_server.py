@@ -6,6 +6,7 @@ Azure's ``/openai/deployments/NAME?api-version=…``), OpenAI-shaped bodies with
 401 on a wrong key (``Authorization: Bearer KEY`` or Azure's ``api-key: KEY``; the error text
 echoes the key it got, as a careless server might, so tests can check the client redacts it),
 ``max_tokens`` honoured (``finish_reason: "length"``), and injectable faults.
+``--omit-usage 1`` leaves ``usage`` out of answers, as some proxies do.
 
 Start it from Python (tests)::
 
@@ -130,6 +131,7 @@ class Config:
     slow_s: float
     delay_s: float
     answer: object
+    omit_usage: bool = False
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -248,7 +250,7 @@ class Handler(BaseHTTPRequestHandler):
         usage = {"prompt_tokens": count_tokens(text), "completion_tokens": count_tokens(answer)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         common = {"id": f"cmpl-{sha}-{attempt}", "created": int(time.time()),
-                  "model": body.get("model"), "usage": usage}
+                  "model": body.get("model"), **({} if cfg.omit_usage else {"usage": usage})}
         if kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": answer},
                       "finish_reason": finish}
@@ -263,7 +265,8 @@ def serve(args) -> None:
                  faults=tuple(f for f in (args.faults or "").split(",") if f),
                  fault_rate=args.fault_rate, seed=args.seed, fail_first=args.fail_first,
                  always_fail=args.always_fail, retry_after=args.retry_after, slow_s=args.slow_s,
-                 delay_s=args.delay_s, answer=_load_answer(args.answer))
+                 delay_s=args.delay_s, answer=_load_answer(args.answer),
+                 omit_usage=bool(args.omit_usage))
     bad = [f for f in cfg.faults if f not in FAULTS]
     if bad:
         sys.exit(f"unknown fault(s) {bad}; known: {', '.join(FAULTS)}")
@@ -290,6 +293,8 @@ def parse_args(argv=None):
     p.add_argument("--slow-s", type=float, default=5.0)
     p.add_argument("--delay-s", type=float, default=0.0, help="delay of every normal answer")
     p.add_argument("--answer", default="fusion", help="fusion | echo | judge | MODULE:FUNC")
+    p.add_argument("--omit-usage", type=int, default=0,
+                   help="1: answers carry no `usage` (as some proxies and servers send them)")
     return p.parse_args(argv)
 
 

@@ -192,6 +192,9 @@ def test_eval_errors_are_one_line(tmp_path):
     p = capsfus("eval", "-c", f, "--out", tmp_path / "o2", "--judge-endpoint", "http://x",
                 check=False)
     assert p.returncode == 2 and "--judge-model" in p.stderr
+    p = capsfus("eval", "-c", f, "--out", tmp_path / "o3", "--no-embeddings", "--judge-endpoint",
+                "http://127.0.0.1:9/v1", "--judge-model", "m", "--judge-rows", -1, check=False)
+    assert p.returncode == 2 and "--judge-rows" in p.stderr and "Traceback" not in p.stderr
 
 
 @pytest.mark.slow
@@ -350,7 +353,27 @@ def test_judge_survives_endpoint_faults_and_counts_unparsable_answers(tmp_path):
         res = run_judge(_pairs(), "fused", "raw + synthetic", srv.url, "m")
     finally:
         srv.stop()
-    # only the identical row (never sent) is judged; the others are unparsable, not guessed
-    assert res["status"] == "done" and res["totals"] == {
-        "win": 0, "similar": 0, "identical": 1, "lose": 0}
-    assert res["unparsed"] == len(ROWS) - 1
+    # only the identical row (decided here, never sent) has an outcome; the judge said nothing
+    # usable, so no numbers: "not run", the unparsable answers kept for inspection
+    assert res["status"] == "not run" and "unparsed" in res["reason"] and "totals" not in res
+    assert sum(r.get("error") == "unparsed" for r in res["rows"]) == len(ROWS) - 1
+
+
+def test_client_refuses_zero_concurrency():
+    """--judge-concurrency 0 would be a semaphore nobody can take: a hang, not a judge."""
+    from capsfus.errors import UserError
+    from capsfus.openai_client import ClientSettings, OpenAIClient
+    with pytest.raises(UserError, match="concurrency"):
+        OpenAIClient(ClientSettings(endpoint="http://127.0.0.1:9/v1", model="m", concurrency=0),
+                     "k")
+
+
+def test_unreachable_judge_is_not_run_even_when_the_first_row_is_identical(tmp_path):
+    pairs = _pairs()
+    pairs[0]["candidate"] = f"{pairs[0]['raw']} {pairs[0]['synthetic']}"   # identical texts
+    url = f"http://127.0.0.1:{_free_port()}/v1"            # nothing listens there
+    res = run_judge(pairs, "fused", "raw + synthetic", url, "m", max_retries=0, timeout=5)
+    assert res["status"] == "not run" and "unreachable" in res["reason"]
+    assert "totals" not in res
+    res = run_judge(pairs, "fused", "raw + synthetic", url, "m", rows=0)
+    assert res["status"] == "not run" and "totals" not in res

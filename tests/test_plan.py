@@ -54,6 +54,9 @@ def test_plan_cli_json_and_errors(tmp_path):
     for args in ([], ["--throughput", 1, "--from-bench", __file__]):
         p = capsfus("plan", "--rows", 10, "--gpus", 1, *args, check=False)
         assert p.returncode == 2 and "error:" in p.stderr and "Traceback" not in p.stderr
+    for args in (["--gpus-per-node", 0], ["--time-limit-h", 0], ["--filter-workers", -1]):
+        p = capsfus("plan", "--rows", 10, "--gpus", 1, "--throughput", 1, *args, check=False)
+        assert p.returncode == 2 and args[0] in p.stderr and "Traceback" not in p.stderr
     bad = tmp_path / "b.json"
     bad.write_text("{}")
     p = capsfus("plan", "--rows", 10, "--gpus", 1, "--from-bench", bad, check=False)

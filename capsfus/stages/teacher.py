@@ -593,10 +593,17 @@ class Teacher:
             crashpoint("teacher_after_send_record")
         return True
 
+    def _settle(self, item: Item, rec: dict | None) -> None:
+        """Swaps the item's reservation for its recorded cost in one step: while its record
+        is being fsynced, the reservation still counts against --max-cost."""
+        self.inflight_reserved -= item.reserved
+        item.reserved = 0.0
+        if rec is not None:
+            self.ledger.add_final(rec)
+
     async def _do(self, item: Item, w: ShardWork) -> None:
         reply = await self.client.complete(item.payload, max_tokens=self.o.max_tokens,
                                            before_attempt=lambda a: self._before(item, a))
-        self.inflight_reserved -= item.reserved
         cost = self.price.cost(reply.usage) if reply.usage else (0.0 if self.price.known
                                                                   else None)
         base = {"i": item.idx, "id": item.row_id, "req": item.req, "usage": reply.usage,
@@ -606,7 +613,9 @@ class Teacher:
             if item.sent:   # closes the send record; the row stays to do
                 rec = {"k": "stop", **base}
                 await self.journal.append(item.shard, rec)
-                self.ledger.add_final(rec)
+                self._settle(item, rec)
+            else:
+                self._settle(item, None)
             return
         if reply.ok:
             rec = {"k": "ok", **base, "text": reply.text, "finish": reply.finish_reason,
@@ -615,7 +624,7 @@ class Teacher:
             rec = {"k": "rej", **base, "reason": reply.reason, "detail": reply.detail}
         await self.journal.append(item.shard, rec)       # on disk before it counts as done
         crashpoint("teacher_after_result")
-        self.ledger.add_final(rec)
+        self._settle(item, rec)
         self.ledger.answered += reply.ok
         self.ledger.rejected += not reply.ok
         raw_cut = w.rows[item.idx].get("_raw_cut", False)
