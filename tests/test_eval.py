@@ -289,10 +289,16 @@ def test_judge_position_bias_cancels(tmp_path):
     assert n_req == 2 * (len(ROWS) - same)               # identical texts are not sent
 
 
+_HELD: list = []
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port where nothing listens and nothing else can start listening during the test
+    session: bound here and never listened on, so connecting is refused."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _HELD.append(s)
+    return s.getsockname()[1]
 
 
 def test_unreachable_or_refusing_judge_is_not_run(tmp_path, monkeypatch):
