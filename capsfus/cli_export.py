@@ -84,14 +84,15 @@ def export_cmd(run_dir, out, schema, stage_opt, caption_src, mix_text, fallback,
     if caption_src and mix_text:
         raise UserError("give --caption or --mix, not both")
     mix = mix_name = None
+    order = [s.strip() for s in fallback.split(",") if s.strip()] if fallback else None
     if mix_text:
         mix = parse_mix(mix_text)
         mix_name = mix_text if mix_text in MIX_PRESETS else None
     elif caption_src and caption_src != "fused":
         mix = {caption_src: 1.0}
+        order = order or [caption_src]     # no fallback: rows without it are not exported
     opts = ExportOptions(
-        schema=schema, stage=stage_opt, mix=mix, mix_name=mix_name,
-        fallback=[s.strip() for s in fallback.split(",") if s.strip()] if fallback else None,
+        schema=schema, stage=stage_opt, mix=mix, mix_name=mix_name, fallback=order,
         seed=seed, max_punsafe=max_punsafe, max_pwatermark=max_pwatermark,
         exclude=exclude_file, max_shard_bytes=int(max_shard_mb * 1e6),
         row_group_bytes=int(row_group_mb * 1e6), overwrite=overwrite, license=license_id,

@@ -23,8 +23,13 @@ used and the fallback counted. Without a mix, a row with no fused caption is not
 All source columns stay in the parquet, so users can re-mix downstream; in a mix the ``fused``
 column holds only captions the filter kept (``filter_reasons`` says why one is null).
 
+Source columns are passed through with one type per column for the whole export, taken from
+every row (ints and floats together become floats, mixed or nested values JSON text); a source
+column named like one of ours (``caption``…) is kept as ``source_<name>``.
+
 The whole folder is written beside OUT and renamed into place at the end: an interrupted export
-leaves no half dataset behind.
+leaves no half dataset behind (the next export removes what it left). ``--overwrite`` replaces
+only a folder that ``capsfus export`` wrote.
 """
 
 from __future__ import annotations
@@ -94,7 +99,7 @@ def parse_mix(text: str) -> dict[str, float]:
             w = float(value)
         except ValueError:
             w = -1.0
-        if not sep or not name.strip() or w < 0 or w != w:
+        if not sep or not name.strip() or not 0 <= w < float("inf"):
             raise UserError(f"--mix {text!r}: expected SOURCE=WEIGHT,… (e.g. fused=0.6,raw=0.4) "
                             f"or a preset ({', '.join(MIX_PRESETS)})")
         if name.strip() in mix:
@@ -263,22 +268,41 @@ class RowReader:
 
 
 # --------------------------------------------------------------------------- writing
-def _arrow_type_of(values: list):
+def _kind(v) -> str | None:
+    """What a passthrough value needs from its column's type."""
+    if v is None:
+        return None
+    t = type(v)
+    if t is bool or t is float or t is str:
+        return t.__name__
+    if t is int:
+        return "int" if -2 ** 63 <= v < 2 ** 63 else "json"
+    if t is list and all(x is None or type(x) is str for x in v):
+        return "list"
+    return "json"
+
+
+def _arrow_type_of(kinds: set):
+    """The column type for the kinds of value seen in it (from every row, see ``export_run``):
+    ints and floats together are floats; anything mixed or nested is JSON text."""
     import pyarrow as pa
-    kinds = {type(v) for v in values if v is not None}
-    if not kinds:
-        return pa.string()
-    if kinds <= {bool}:
+    kinds = kinds - {None}
+    if kinds == {"bool"}:
         return pa.bool_()
-    if kinds <= {int}:
+    if kinds == {"int"}:
         return pa.int64()
-    if kinds <= {int, float}:
+    if kinds and kinds <= {"int", "float"}:
         return pa.float64()
-    if kinds <= {str}:
-        return pa.string()
-    if kinds <= {list}:
+    if kinds == {"list"}:
         return pa.list_(pa.string())
-    return pa.string()        # mixed or nested: JSON text
+    return pa.string()
+
+
+def _observe(columns: dict[str, set], row: dict, skip: set) -> None:
+    """Adds the row's passthrough columns and the kinds of their values to ``columns``."""
+    for k, v in row.items():
+        if k not in skip:
+            columns.setdefault(k, set()).add(_kind(v))
 
 
 class ParquetShards:
@@ -418,22 +442,15 @@ def _load_exclusions(path: str | None) -> tuple[set[str], set[str]]:
     return ids, urls
 
 
-def _passthrough_columns(reader: RowReader, fused_key: str | None) -> list[str]:
-    """Source columns, from the first shard's rows (in order of first appearance)."""
-    skip = {ID, RAW, SYNTHETIC, URL, FUSED} | STAGE_KEYS
-    if fused_key:
-        skip.add(fused_key)
-    seen: dict[str, None] = {}
-    for i in range(reader.n_shards):
-        for n, sr in enumerate(reader.shard_rows(i)):
-            for k in sr.row:
-                if k not in skip:
-                    seen.setdefault(k, None)
-            if n >= 10_000:
-                break
-        if seen or i >= 1:
+def _sample_columns(reader: RowReader, skip: set, limit: int = 10_000) -> dict[str, set]:
+    """Passthrough columns and their kinds in the first rows: the schema's first guess; the
+    workers check it against every row."""
+    columns: dict[str, set] = {}
+    for n, sr in enumerate(reader.shard_rows(0) if reader.n_shards else []):
+        _observe(columns, sr.row, skip)
+        if n >= limit:
             break
-    return list(seen)
+    return columns
 
 
 def _threshold(row: dict, key: str, limit: float | None) -> bool:
@@ -464,9 +481,17 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
     stage = _stage_of(run, opts.stage)
     reader = RowReader(run, stage)
     out = Path(out_dir).resolve()
-    if out.exists() and any(out.iterdir()) and not opts.overwrite:
-        raise UserError(f"{out} exists and is not empty: choose another --out or pass "
-                        f"--overwrite")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder")
+    if out == run.root.resolve() or out in run.root.resolve().parents:
+        raise UserError(f"--out {out} holds the run {run.root}: choose a folder outside it")
+    if out.exists() and any(out.iterdir()):
+        if not opts.overwrite:
+            raise UserError(f"{out} exists and is not empty: choose another --out or pass "
+                            f"--overwrite")
+        if not is_export_folder(out):
+            raise UserError(f"--overwrite replaces only a folder `capsfus export` wrote, and {out} "
+                            f"has no {SUMMARY_FILE}: choose another --out")
     mixing = opts.mix is not None
     if not mixing and not reader.has_fused_stage and reader.fused_key is None:
         raise UserError(f"{run.root} has no fused captions (no fuse or filter stage): run "
@@ -481,23 +506,19 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
     ex_ids, ex_urls = _load_exclusions(opts.exclude)
     names = SCHEMAS[opts.schema]
     fk = reader.fused_key
-    passthrough = [c for c in _passthrough_columns(reader, fk) if c not in names.values()]
-
-    # the schema: caption columns are strings; passthrough types from the first rows
-    sample: dict[str, list] = {c: [] for c in passthrough}
-    for n, sr in enumerate(reader.shard_rows(0) if reader.n_shards else []):
-        for c in passthrough:
-            sample[c].append(sr.row.get(c))
-        if n >= 10_000:
-            break
+    skip = {ID, RAW, SYNTHETIC, URL, FUSED, fk} | STAGE_KEYS
     core = [ID, URL, RAW, SYNTHETIC, FUSED] if opts.schema == "capsfus" else \
         [URL, RAW, SYNTHETIC, FUSED, ID]
     fields = [pa.field(names.get(c, c), pa.string()) for c in core]
     fields += [pa.field("caption", pa.string()), pa.field("caption_source", pa.string())]
     if mixing and reader.has_fused_stage:
         fields.append(pa.field("filter_reasons", pa.list_(pa.string())))
-    fields += [pa.field(c, _arrow_type_of(sample[c])) for c in passthrough]
-    schema = pa.schema(fields)
+    own = {f.name for f in fields}
+
+    def schema_for(columns: dict[str, set]):
+        # a source column named like one of ours (`caption`…) is kept as `source_<name>`
+        return pa.schema(fields + [pa.field(f"source_{c}" if c in own else c, _arrow_type_of(k))
+                                   for c, k in columns.items()])
 
     _remove_dead_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -507,14 +528,37 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
     total = sum(s["rows"] for s in manifest["shards"])
     stats_cols = {"raw": names.get(RAW, RAW), "synthetic": names.get(SYNTHETIC, SYNTHETIC),
                   "fused": names.get(FUSED, FUSED), "caption": "caption"}
-    plan = _Plan(run_dir=str(run.root), stage=stage, folder=str(tmp), schema=schema,
-                 names=names, passthrough=passthrough, fused_key=fk, mixing=mixing,
-                 with_reasons=mixing and reader.has_fused_stage, mix=mix, seed=opts.seed,
-                 fallback=opts.fallback, ex_ids=ex_ids, ex_urls=ex_urls,
-                 max_punsafe=opts.max_punsafe, max_pwatermark=opts.max_pwatermark,
-                 max_shard_bytes=opts.max_shard_bytes, row_group_bytes=opts.row_group_bytes,
-                 stats_columns=stats_cols if opts.stats else None)
-    results = _run_groups(plan, reader.n_shards, opts.workers, total, progress)
+    # passthrough types are guessed from the first rows; the workers see every row, and when
+    # a later row brings a new column or a value the guess cannot hold, the export is redone
+    # once with the schema of every row, so all files share one schema that loses nothing
+    columns = _sample_columns(reader, skip)
+    for attempt in (1, 2):
+        schema = schema_for(columns)
+        passthrough = dict(zip(columns, schema.names[len(fields):]))   # row key -> column
+        plan = _Plan(run_dir=str(run.root), stage=stage, folder=str(tmp), schema=schema,
+                     names=names, passthrough=passthrough, skip=skip, fused_key=fk,
+                     mixing=mixing, with_reasons=mixing and reader.has_fused_stage, mix=mix,
+                     seed=opts.seed, fallback=opts.fallback, ex_ids=ex_ids, ex_urls=ex_urls,
+                     max_punsafe=opts.max_punsafe, max_pwatermark=opts.max_pwatermark,
+                     max_shard_bytes=opts.max_shard_bytes, row_group_bytes=opts.row_group_bytes,
+                     stats_columns=stats_cols if opts.stats else None)
+        results = _run_groups(plan, reader.n_shards, opts.workers, total, progress)
+        for r in results:
+            for c, kinds in r["columns"].items():
+                columns.setdefault(c, set()).update(kinds)
+        if schema_for(columns) == schema:
+            break
+        if attempt == 2:
+            raise RuntimeError("the passthrough columns changed between two reads of the run")
+        for sub in ("data", "stats-cache"):
+            shutil.rmtree(tmp / sub, ignore_errors=True)
+        (tmp / "data").mkdir()
+    unknown = [n for n in dict.fromkeys([*mix, *(opts.fallback or [])])
+               if n not in SOURCES and n not in columns]
+    if unknown:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"caption source {unknown[0]!r}: no row has such a column (columns: "
+                        f"{', '.join([*SOURCES, *columns])}); nothing was exported")
     excluded: Counter = Counter()
     seen = exported = 0
     coerced: Counter = Counter()
@@ -548,7 +592,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
         "format": "capsfus-export", "version": EXPORT_VERSION, "capsfus_version": __version__,
         "run_id": manifest["run_id"], "run_dir": str(run.root), "stage": stage,
         "stages": reader.describe(), "schema": opts.schema,
-        "columns": [f.name for f in schema], "passthrough_columns": passthrough,
+        "columns": [f.name for f in schema], "passthrough_columns": list(passthrough.values()),
         "caption": {"mix": mix, "mix_name": opts.mix_name, "seed": opts.seed,
                     "fallback_order": mixer.order, "drawn": dict(mixer.drawn),
                     "used": dict(mixer.used), "realised_shares": realised,
@@ -591,7 +635,8 @@ class _Plan:
     folder: str
     schema: object
     names: dict
-    passthrough: list
+    passthrough: dict
+    skip: set
     fused_key: str | None
     mixing: bool
     with_reasons: bool
@@ -649,12 +694,14 @@ def _export_group(plan: _Plan, index: int, shards: list[int],
     writer = ParquetShards(Path(plan.folder) / "data", plan.schema, plan.max_shard_bytes,
                            plan.row_group_bytes, prefix=f"g{index:05d}-")
     excluded: Counter = Counter()
+    columns: dict[str, set] = {}
     seen = exported = 0
     for shard in shards:
         before = seen
         for sr in reader.shard_rows(shard):
             seen += 1
             row = sr.row
+            _observe(columns, row, plan.skip)
             rid = str(row.get(ID))
             if sr.unusable:
                 excluded[sr.why_not] += 1
@@ -698,8 +745,8 @@ def _export_group(plan: _Plan, index: int, shards: list[int],
                 rec["filter_reasons"] = list(row.get("reasons") or row.get("filter_reasons")
                                              or ([sr.why_not] if sr.why_not and
                                                  not sr.why_not.startswith("filter:") else []))
-            for c in plan.passthrough:
-                rec[c] = row.get(c)
+            for c, col in plan.passthrough.items():
+                rec[col] = row.get(c)
             writer.add(rec)
             exported += 1
         if tick:
@@ -720,12 +767,13 @@ def _export_group(plan: _Plan, index: int, shards: list[int],
             "coerced": dict(writer.coerced), "drawn": dict(mixer.drawn),
             "used": dict(mixer.used), "fallbacks": dict(mixer.fallbacks),
             "parts": [{"tmp": str(p["tmp"]), "rows": p["rows"]} for p in parts],
-            "stats": stats}
+            "stats": stats, "columns": columns}
 
 
 def _remove_dead_partials(out: Path) -> None:
-    """Removes what killed exports to ``out`` left behind (their pid is gone)."""
-    for p in out.parent.glob(f".{out.name}.partial-*"):
+    """Removes what killed exports to ``out`` left behind (their pid is gone): partial
+    folders, and the old export of one killed between the two renames of the swap."""
+    for p in [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.old-*")]:
         try:
             pid = int(p.name.rsplit("-", 1)[1])
             os.kill(pid, 0)
@@ -744,6 +792,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         out.replace(old)
+        crashpoint("export_mid_swap")
     tmp.replace(out)
     _fsync_dir(out.parent)
     if old is not None:

@@ -189,6 +189,12 @@ def test_safety_thresholds_exclusions_and_licence(tmp_path):
     assert all(isinstance(r["width"], int) for r in rows)        # passthrough types kept
     meta = front_matter((out / "README.md").read_text())
     assert meta["license"] == "cc-by-4.0"        # the source's licence (the echo engine has none)
+    # --caption SOURCE: rows without that source are left out, never given another one
+    capsfus("export", run, "--out", tmp_path / "syn", "--caption", "synthetic")
+    assert Counter(_load(tmp_path / "syn")["caption_source"]) == {"synthetic": 400 - len(no_syn)}
+    assert _summary(tmp_path / "syn")["rows"]["excluded"] == {"no_caption": len(no_syn)}
+    assert "for a row the row is not exported" in " ".join(
+        (tmp_path / "syn" / "README.md").read_text().split())
     capsfus("export", run, "--out", out, "--license", "odc-by", "--overwrite",
             "--repo", "acme/rockets")
     card = (out / "README.md").read_text()
@@ -219,13 +225,20 @@ def test_errors_are_one_line(tmp_path):
     for args, want in [
         ((run, "--out", tmp_path / "busy"), "not empty"),
         ((run, "--out", tmp_path / "e", "--mix", "fused=a"), "SOURCE=WEIGHT"),
+        ((run, "--out", tmp_path / "e", "--mix", "fused=inf,raw=1"), "SOURCE=WEIGHT"),
+        ((run, "--out", tmp_path / "e", "--caption", "widht"), "no row has such a column"),
         ((run, "--out", tmp_path / "e", "--stage", "filter"), "no such stage"),
         ((tmp_path / "nope", "--out", tmp_path / "e"), "no such run directory"),
         ((run, "--out", tmp_path / "e", "--exclude", tmp_path / "missing.txt"), "--exclude"),
+        # --overwrite never deletes what export did not write: the run, another folder
+        ((run, "--out", run, "--overwrite"), "holds the run"),
+        ((run, "--out", tmp_path / "busy", "--overwrite"), "only a folder `capsfus export`"),
+        ((run, "--out", tmp_path / "busy" / "x"), "is a file"),
     ]:
         p = capsfus("export", *args, check=False)
         assert p.returncode == 2, p.stderr
-        assert want in p.stderr and "Traceback" not in p.stderr
+        assert want in " ".join(p.stderr.split()) and "Traceback" not in p.stderr
+    assert (run / "manifest.json").exists() and (tmp_path / "busy" / "x").read_text() == "x"
     # a stage with unfinished shards is refused, not half exported
     state = run / "fuse" / "state" / "00000.json"
     st = json.loads(state.read_text())
@@ -235,7 +248,8 @@ def test_errors_are_one_line(tmp_path):
     assert p.returncode == 2 and "not done" in p.stderr and not (tmp_path / "e").exists()
 
 
-@pytest.mark.parametrize("point", ["export_row_group:3", "export_before_swap"])
+@pytest.mark.parametrize("point", ["export_row_group:3", "export_before_swap",
+                                   "export_mid_swap"])
 def test_killed_export_leaves_no_half_dataset(tmp_path, point):
     run = _echo_run(tmp_path, n=1500)
     out = tmp_path / "exp"
@@ -245,13 +259,52 @@ def test_killed_export_leaves_no_half_dataset(tmp_path, point):
                 "--row-group-mb", "0.02", "--license", "new", check=False,
                 CAPSFUS_CRASH_AT=point)
     assert p.returncode == -9
-    # the old export is untouched; the killed one left only a hidden partial folder
-    assert (out / "README.md").read_text() == before
+    if point == "export_mid_swap":     # the old export moved aside, the new one not yet in
+        assert not out.exists() and len(list(tmp_path.glob(".exp.old-*"))) == 1
+    else:
+        # the old export is untouched; the killed one left only a hidden partial folder
+        assert (out / "README.md").read_text() == before
     partials = list(tmp_path.glob(".exp.partial-*"))
     assert len(partials) == 1
     capsfus("export", run, "--out", out, "--stage", "fuse", "--overwrite", "--license", "new")
-    assert not list(tmp_path.glob(".exp.partial-*"))       # the dead one is cleaned up
+    assert not list(tmp_path.glob(".exp.*"))       # the dead ones are cleaned up
     assert "license: new" in (out / "README.md").read_text()
     assert _load(out).num_rows == _summary(out)["rows"]["exported"]
     assert sorted(n for n in os.listdir(tmp_path) if not n.startswith("hfcache-")) == \
         sorted(["in.jsonl", "README.md", "run", "exp"])
+
+
+def test_passthrough_schema_comes_from_every_row(tmp_path):
+    """Passthrough column types come from all rows, not the first shard's: a column that
+    only a later shard has, a float in a column that started as ints and numbers in a column
+    empty so far all survive, with one schema in every file, one process or several."""
+    src = tmp_path / "in.jsonl"
+    want_width = [100 + i if i < 150 else 100.5 + i for i in range(400)]
+    want_score = [None if i < 300 else i / 1000 for i in range(400)]
+    with open(src, "w") as f:
+        for i in range(400):
+            row = {"TEXT": f"photo {i} of the Acme Rocket-{i}", "URL": f"https://img.ex/{i}.jpg",
+                   "top_caption": f"a rocket standing on a pad {i}", "width": want_width[i],
+                   "score": want_score[i], "caption": f"the source's own caption {i}"}
+            if i >= 300:
+                row["nsfw"] = "UNLIKELY"
+            f.write(json.dumps(row) + "\n")
+    run = tmp_path / "run"
+    capsfus("shard", src, "--out", run, "--rows-per-shard", 150)
+    capsfus("fuse", run, "--engine", "echo")
+    for workers in (1, 2):
+        out = tmp_path / f"exp{workers}"
+        capsfus("export", run, "--out", out, "--workers", workers, "--max-shard-mb", "0.01",
+                "--row-group-mb", "0.005")
+        s = _summary(out)
+        schemas = {str(pq.ParquetFile(out / f["file"]).schema_arrow) for f in s["files"]}
+        assert len(s["files"]) > 1 and len(schemas) == 1
+        rows = sorted(_load(out).to_list(), key=lambda r: int(r["id"].split(":")[1]))
+        assert [r["width"] for r in rows] == want_width
+        assert [r["score"] for r in rows] == want_score
+        assert [r["nsfw"] for r in rows] == [None] * 300 + ["UNLIKELY"] * 100
+        # a source column named like an export column is kept beside it, not over it
+        assert all(r["caption"] == r["fused"] for r in rows)
+        assert [r["source_caption"] for r in rows] == \
+            [f"the source's own caption {i}" for i in range(400)]
+        assert s["coerced_values"] == {}

@@ -17,7 +17,9 @@ from ..prompt import PromptTemplate
 
 SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
                    (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M"),
-                   (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
+                   (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"),
+                   (10_000_000_000, "1B<n<10B"), (100_000_000_000, "10B<n<100B"),
+                   (1_000_000_000_000, "100B<n<1T")]
 
 COLUMN_DOCS = {
     "id": "stable row id (the source's id, or `<source file>:<row>`)",
@@ -46,7 +48,7 @@ def size_category(n: int) -> str:
     for limit, name in SIZE_CATEGORIES:
         if n < limit:
             return name
-    return "n>1T" if n >= 10 ** 12 else "1B<n<10B"
+    return "n>1T"
 
 
 def front_matter(text: str) -> dict:
@@ -242,11 +244,12 @@ def _mix_section(summary: dict) -> str:
     real = ", ".join(f"{k} {v:.2%}" for k, v in c["realised_shares"].items())
     fb = ", ".join(f"{k}: {v:,}" for k, v in c["fallbacks"].items()) or "none"
     name = f" (preset `{c['mix_name']}`)" if c.get("mix_name") else ""
+    missing = (f"the next in the order {' > '.join(c['fallback_order'])} is used; fallbacks: "
+               f"{fb}" if len(c["fallback_order"]) > 1 else "the row is not exported")
     return (f"Mix{name}: requested {req}; realised {real}. Each row's source is drawn from a "
             f"hash of (seed {c['seed']}, id), so the same seed gives the same dataset. When the "
-            f"drawn source is missing for a row the next in the order "
-            f"{' > '.join(c['fallback_order'])} is used; fallbacks: {fb}. All source columns "
-            f"are kept, so the data can be re-mixed.")
+            f"drawn source is missing for a row {missing}. All source columns are kept, so the "
+            f"data can be re-mixed.")
 
 
 def _stats_table(summary: dict) -> str:
