@@ -3,7 +3,8 @@
 A row never carries image bytes: ingest leaves a small reference in its ``image`` column:
 
 - ``{"tar": PATH, "member": NAME, "offset": BYTE, "size": N}``: a member of a webdataset tar
-  (img2dataset's ``webdataset`` output); read with one ``pread`` at the member's data offset;
+  (img2dataset's ``webdataset`` output); read with one ``pread`` of the member's header
+  block and data, the header checked against the reference (a rewritten tar is refused);
 - ``{"parquet": PATH, "column": COL, "row": N}``: row N of an image-bytes column of a parquet
   file (img2dataset's ``parquet`` output, or a Hugging Face ``Image`` struct column);
 - ``None``: the source row has no image (the caption stage rejects it: ``image_missing``).
@@ -52,14 +53,18 @@ class Loaded:
 
 class ImageReader:
     """Reads the bytes behind image references. Thread-safe: tar members are read with
-    ``os.pread`` on shared descriptors; parquet row groups are cached (one decoded column
-    per file, the rows of a shard arrive in order)."""
+    ``os.pread`` on shared descriptors; the image column of the last ``max_groups`` parquet
+    row groups is kept (the rows of a shard arrive in order; a chunk may straddle two files),
+    so a worker's memory does not grow with the files it has read."""
 
-    def __init__(self, max_open: int = 32):
+    def __init__(self, max_open: int = 32, max_groups: int = 2,
+                 sizes: dict[str, int] | None = None):
+        self._sizes = sizes or {}     # path -> size at ingest (the manifest's sources)
         self._fds: OrderedDict[str, int] = OrderedDict()
-        self._groups: dict[tuple[str, str], tuple[int, int, list]] = {}
+        self._groups: OrderedDict[tuple[str, str, int], object] = OrderedDict()
         self._lock = threading.Lock()
         self._max_open = max_open
+        self._max_groups = max_groups
 
     def _fd(self, path: str) -> int:
         with self._lock:
@@ -68,11 +73,22 @@ class ImageReader:
                 self._fds.move_to_end(path)
                 return fd
             fd = os.open(path, os.O_RDONLY)
+            try:
+                self._check_size(path, os.fstat(fd).st_size)
+            except ValueError:
+                os.close(fd)
+                raise
             self._fds[path] = fd
             while len(self._fds) > self._max_open:
                 _, old = self._fds.popitem(last=False)
                 os.close(old)
             return fd
+
+    def _check_size(self, path: str, size: int) -> None:
+        want = self._sizes.get(path)
+        if want is not None and size != want:
+            raise ValueError(f"{path} changed since ingest ({want} bytes then, {size} now): "
+                             f"its rows no longer point at their images; shard it again")
 
     def read(self, ref: dict) -> bytes | None:
         """The image bytes (None for a null parquet cell). Raises OSError/ValueError when the
@@ -85,34 +101,45 @@ class ImageReader:
                     if f is None:
                         raise ValueError(f"{ref['member']} is not a file")
                     return f.read()
+            # the member's header block (just before its data) comes along, so a tar that
+            # was rewritten since ingest is noticed instead of captioning other bytes
             fd = self._fd(ref["tar"])
-            data = os.pread(fd, ref["size"], ref["offset"])
-            if len(data) != ref["size"]:
+            size, offset = ref["size"], ref["offset"]
+            data = os.pread(fd, size + 512, offset - 512)
+            if len(data) != size + 512:
                 raise ValueError(f"{ref['tar']} ends before member {ref['member']}")
-            return data
+            if not _tar_header_matches(data[:512], ref["member"], size):
+                raise ValueError(f"{ref['tar']} changed since ingest: no member "
+                                 f"{ref['member']} of {size} bytes at byte {offset}")
+            return data[512:]
         if "parquet" in ref:
             return self._parquet_cell(ref["parquet"], ref["column"], int(ref["row"]))
         raise ValueError(f"unknown image reference {sorted(ref)}")
 
     def _parquet_cell(self, path: str, column: str, row: int) -> bytes | None:
         import pyarrow.parquet as pq
-        key = (path, column)
         with self._lock:
-            cached = self._groups.get(key)
-            if cached is None or not cached[0] <= row < cached[1]:
+            for (p, c, start), values in self._groups.items():
+                if p == path and c == column and start <= row < start + len(values):
+                    self._groups.move_to_end((p, c, start))
+                    break
+            else:
+                self._check_size(path, os.path.getsize(path))
                 pf = pq.ParquetFile(path)
                 start = 0
                 for g in range(pf.metadata.num_row_groups):
                     n = pf.metadata.row_group(g).num_rows
                     if start <= row < start + n:
-                        values = pf.read_row_group(g, columns=[column]).column(0).to_pylist()
-                        cached = (start, start + n, values)
-                        self._groups[key] = cached
+                        # kept as Arrow (one buffer), converted a cell at a time
+                        values = pf.read_row_group(g, columns=[column]).column(0)
+                        self._groups[(path, column, start)] = values
+                        while len(self._groups) > self._max_groups:
+                            self._groups.popitem(last=False)
                         break
                     start += n
                 else:
                     raise ValueError(f"{path} has no row {row}")
-            value = cached[2][row - cached[0]]
+            value = values[row - start].as_py()
         if isinstance(value, dict):          # Hugging Face Image struct {bytes, path}
             value = value.get("bytes")
         return value
@@ -123,6 +150,17 @@ class ImageReader:
                 os.close(fd)
             self._fds.clear()
             self._groups.clear()
+
+
+def _tar_header_matches(block: bytes, member: str, size: int) -> bool:
+    """Whether a tar header block describes ``member`` (its stored name: a longer name is
+    held in a pax/GNU record before it, the block keeps a cut form) of ``size`` bytes."""
+    import tarfile
+    try:
+        ti = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return ti.size == size and (ti.name == member or len(member.encode()) > 100)
 
 
 def decode(data: bytes, min_side: int = DEFAULT_MIN_SIDE,
@@ -142,6 +180,7 @@ def decode(data: bytes, min_side: int = DEFAULT_MIN_SIDE,
         if draft and im.format == "JPEG":
             im.draft("RGB", (draft, draft))
         im.load()
+        im = _rgb(im)      # inside: a mode Pillow cannot convert is a reject, not a crash
     except Image.DecompressionBombError as e:   # Pillow's own guard, at open()
         return Loaded(None, "image_too_large", str(e)[:200])
     except UnidentifiedImageError as e:
@@ -152,15 +191,19 @@ def decode(data: bytes, min_side: int = DEFAULT_MIN_SIDE,
         return Loaded(None, code, msg[:200])
     except Exception as e:  # malformed files also raise ValueError, SyntaxError, struct.error…
         return Loaded(None, "image_undecodable", f"{type(e).__name__}: {str(e)[:200]}")
-    if im.mode != "RGB":
-        if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-            im = im.convert("RGBA")
-            bg = Image.new("RGB", im.size, (255, 255, 255))   # transparent -> white
-            bg.paste(im, mask=im.getchannel("A"))
-            im = bg
-        else:
-            im = im.convert("RGB")
     return Loaded(im)
+
+
+def _rgb(im):
+    from PIL import Image
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        im = im.convert("RGBA")
+        bg = Image.new("RGB", im.size, (255, 255, 255))   # transparent -> white
+        bg.paste(im, mask=im.getchannel("A"))
+        return bg
+    return im.convert("RGB")
 
 
 def load_image(reader: ImageReader, ref, min_side: int = DEFAULT_MIN_SIDE,
@@ -182,11 +225,14 @@ def resize_uint8(im, size: tuple[int, int], crop: bool = False) -> np.ndarray:
     from PIL import Image
     h, w = size
     if crop:
+        # the centre crop of the short-side resize, taken from the source (``box``): a banner
+        # of extreme aspect ratio never becomes a huge intermediate image
         scale = max(h / im.height, w / im.width)
         nw, nh = max(w, round(im.width * scale)), max(h, round(im.height * scale))
-        im = im.resize((nw, nh), Image.BICUBIC)
         left, top = (nw - w) // 2, (nh - h) // 2
-        im = im.crop((left, top, left + w, top + h))
+        sx, sy = im.width / nw, im.height / nh
+        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+        im = im.resize((w, h), Image.BICUBIC, box=box)
     else:
         im = im.resize((w, h), Image.BICUBIC)
     return np.asarray(im, dtype=np.uint8)

@@ -430,6 +430,23 @@ def _dir_stats(path: Path) -> tuple[int, float]:
     return size, mtime
 
 
+def _data_files(files: list[str]) -> list[str]:
+    """Leaves out img2dataset's metadata about rows that are elsewhere: ``NNNNN.parquet``
+    beside ``NNNNN.tar`` (webdataset output: the rows are the tar's samples) and
+    ``NNNNN_stats.json`` beside either (a JSON object, not rows)."""
+    have = set(files)
+
+    def metadata(f: str) -> bool:
+        if f.endswith(".parquet"):
+            return f[:-len(".parquet")] + ".tar" in have
+        if f.endswith("_stats.json"):
+            stem = f[:-len("_stats.json")]
+            return stem + ".tar" in have or stem + ".parquet" in have
+        return False
+
+    return [f for f in files if not metadata(f)]
+
+
 def discover(inputs: list[str], split: str | None = None) -> list[Source]:
     """Expands files, folders and globs into an ordered list of sources (sorted per input,
     input order kept), so the same inputs always give the same row ids and order."""
@@ -442,12 +459,8 @@ def discover(inputs: list[str], split: str | None = None) -> list[Source]:
                 sources.append(Source(path=str(p.resolve()), kind="hf-disk", name=p.name,
                                       size=size, mtime=mtime, split=split))
                 continue
-            files = sorted(str(f) for f in p.rglob("*") if f.is_file() and _kind_of(str(f))
-                           and not f.name.startswith("."))
-            if any(_kind_of(f) == "tar" for f in files):
-                # img2dataset's webdataset output: the .parquet / _stats.json beside each tar
-                # are metadata about the same rows
-                files = [f for f in files if _kind_of(f) == "tar"]
+            files = _data_files(sorted(str(f) for f in p.rglob("*") if f.is_file()
+                                       and _kind_of(str(f)) and not f.name.startswith(".")))
             if not files:
                 raise UserError(f"{spec}: folder has no .parquet, .jsonl[.zst], .json or .tar "
                                 f"files")
@@ -459,8 +472,8 @@ def discover(inputs: list[str], split: str | None = None) -> list[Source]:
                                 f" .json, .tar (webdataset), or a datasets folder)")
             sources.append(_file_source(spec, kind))
         elif any(ch in spec for ch in "*?["):
-            files = sorted(f for f in glob.glob(spec, recursive=True)
-                           if os.path.isfile(f) and _kind_of(f))
+            files = _data_files(sorted(f for f in glob.glob(spec, recursive=True)
+                                       if os.path.isfile(f) and _kind_of(f)))
             if not files:
                 raise UserError(f"{spec}: the pattern matches no data files")
             sources += [_file_source(f, _kind_of(f)) for f in files]

@@ -164,8 +164,10 @@ def write_wds(folder: Path, n_shards: int = 2, per_shard: int = 12, broken: bool
                     "status": "success", "width": 48, "height": 40}).encode())
                 expected[key] = reason
                 keys.append(key)
-        pq.write_table(pa.table({"key": keys, "status": ["success"] * len(keys)}),
-                       folder / f"{s:05d}.parquet")
+        pq.write_table(pa.table({  # img2dataset's metadata: the same rows, no images
+            "key": keys, "url": [f"https://example.org/{k}.jpg" for k in keys],
+            "caption": [f"alt text {k} Acme photo" for k in keys],
+            "status": ["success"] * len(keys)}), folder / f"{s:05d}.parquet")
         (folder / f"{s:05d}_stats.json").write_text(json.dumps({"count": len(keys)}))
     return expected
 
@@ -216,6 +218,25 @@ def test_shard_webdataset_keeps_references_not_bytes(tmp_path):
     assert max(len(json.dumps(r)) for r in rows) < 600
 
 
+def test_img2dataset_metadata_files_are_left_out_of_globs_and_folders(tmp_path):
+    """`dir/*` picks the metadata parquet and _stats.json beside each tar too: they are not
+    rows (the parquet lists the same samples again, without images)."""
+    expected = write_wds(tmp_path / "wds", broken=False)
+    capsfus("shard", f"{tmp_path}/wds/*", "--out", tmp_path / "run")
+    m = Run(tmp_path / "run").manifest()
+    assert [Path(s["path"]).name for s in m["sources"]] == ["00000.tar", "00001.tar"]
+    assert m["counts"]["accepted"] == len(expected)
+    # img2dataset's parquet output: NNNNN.parquet (the images) + NNNNN_stats.json
+    (tmp_path / "pq").mkdir()
+    write_image_parquet(tmp_path / "pq" / "00000.parquet")
+    (tmp_path / "pq" / "00000_stats.json").write_text(json.dumps({"count": 10}))
+    for i, spec in enumerate((tmp_path / "pq", f"{tmp_path}/pq/*")):
+        capsfus("shard", spec, "--out", tmp_path / f"pq{i}")
+        m = Run(tmp_path / f"pq{i}").manifest()
+        assert [Path(s["path"]).name for s in m["sources"]] == ["00000.parquet"]
+        assert m["counts"]["accepted"] == 10
+
+
 def test_shard_truncated_tar_keeps_what_is_whole_and_says_so(tmp_path):
     write_wds(tmp_path / "wds", n_shards=1, per_shard=6, broken=False)
     tar = tmp_path / "wds" / "00000.tar"
@@ -243,6 +264,89 @@ def test_shard_image_parquet_references_rows(tmp_path):
         assert reader.read(r["image"]) == images[i]       # across row groups of 4
         assert r["synthetic"] == (f"an existing caption {i}" if i % 2 == 0 else None)
     assert Run(run).manifest()["counts"]["flagged"]["no_synthetic"] == 5
+
+
+def test_a_tar_rewritten_after_ingest_is_not_read_as_other_images(tmp_path):
+    """img2dataset run again into the same folder: the same offsets now hold other samples.
+    Their bytes must not be captioned as the rows' images."""
+    from capsfus.images import tar_records
+    a, b = image_bytes(1, "BMP", size=(40, 40)), image_bytes(2, "BMP", size=(40, 40))
+    assert len(a) == len(b)            # before: b decoded as k1 without a word
+    tar = tmp_path / "00000.tar"
+    for order in ((("k1.jpg", a), ("k2.jpg", b)), (("k2.jpg", b), ("k1.jpg", a))):
+        if not tar.exists():
+            with tarfile.open(tar, "w") as tf:
+                for name, data in order:
+                    _add(tf, name, data)
+            refs = {r["image"]["member"]: r["image"] for r in tar_records(str(tar))}
+            assert ImageReader().read(refs["k1.jpg"]) == a
+        else:                                      # rewritten: k2 now sits where k1 was
+            tar.unlink()
+            with tarfile.open(tar, "w") as tf:
+                for name, data in order:
+                    _add(tf, name, data)
+    got = load_image(ImageReader(), refs["k1.jpg"])
+    assert got.reason == "image_unreadable" and "changed since ingest" in got.detail, got
+
+
+def test_parquet_reader_keeps_few_row_groups(tmp_path):
+    """A worker reads many image parquet files: only the last row groups stay in memory."""
+    reader = ImageReader()
+    files = {tmp_path / f"{i}.parquet": write_image_parquet(tmp_path / f"{i}.parquet")
+             for i in range(3)}
+    for _ in range(2):
+        for path, images in files.items():
+            for row in range(10):
+                ref = {"parquet": str(path), "column": "jpg", "row": row}
+                assert reader.read(ref) == images[row]
+                assert len(reader._groups) <= 2
+
+
+def test_centre_crop_never_makes_a_huge_intermediate(monkeypatch):
+    """CLIP's resize-then-crop of a banner (8 x 6000) must not build a 24 x 18000 image."""
+    from PIL import Image
+    banner = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 6000, 3), np.uint8))
+    sizes = []
+    resize = Image.Image.resize
+
+    def spy(self, size, *a, **kw):
+        sizes.append(tuple(size))
+        return resize(self, size, *a, **kw)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    out = resize_uint8(banner, (24, 24), crop=True)
+    assert out.shape == (24, 24, 3) and sizes == [(24, 24)]
+    # what resizing the whole banner and cropping its centre gives (bicubic phase aside)
+    whole = resize(banner, (18000, 24), Image.BICUBIC).crop((8988, 0, 9012, 24))
+    assert np.abs(out.astype(int) - np.asarray(whole, dtype=int)).mean() < 1
+
+
+def test_blip_pixels_match_blip_image_processor(blip_dir):
+    """Our PIL preprocessing (no torchvision) gives BlipImageProcessor's pixel values, with
+    the model's own size, mean and std."""
+    from transformers import BlipImageProcessor
+
+    from capsfus.engines.blip import _preprocessing
+    from capsfus.images import normalize
+    cfg = json.loads((blip_dir / "preprocessor_config.json").read_text())
+    cfg.update(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3])   # not the defaults
+    folder = blip_dir.parent / "blip-preproc"
+    folder.mkdir(exist_ok=True)
+    (folder / "preprocessor_config.json").write_text(json.dumps(cfg))
+    size, mean, std = _preprocessing(str(folder), 99)
+    assert size == (32, 32) and mean == (0.5, 0.4, 0.3)
+    # CLIP: the short side resized to 32, then the 24 x 24 centre crop the model takes
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_center_crop": True,
+        "size": {"shortest_edge": 32}, "crop_size": {"height": 24, "width": 24}}))
+    assert _preprocessing(str(folder), 24)[0] == (24, 24)
+    (folder / "preprocessor_config.json").write_text(json.dumps(cfg))
+    proc = BlipImageProcessor.from_pretrained(folder)
+    for data in (image_bytes(7, "PNG", size=(48, 40)), image_bytes(8, "PNG", mode="L")):
+        im = decode(data).image
+        ours = normalize(np.stack([resize_uint8(im, size)]), mean, std).numpy()
+        theirs = proc(im, return_tensors="np")["pixel_values"]
+        assert ours.shape == theirs.shape and np.abs(ours - theirs).max() < 1e-5
 
 
 def test_img2dataset_layout_needs_images_not_urls():
@@ -274,6 +378,17 @@ def test_decode_reasons_and_resize():
     assert drafted.size == (64, 48) and decode(big).image.size == (512, 384)
     assert decode(image_bytes(3, "PNG", size=(512, 384)), draft=32).image.size == (512, 384)
     assert load_image(ImageReader(), None).reason == "image_missing"
+    # a mode this Pillow cannot convert to RGB (older ones refuse some 16-bit and float modes)
+    from PIL import Image
+
+    def refuse(self, mode=None, *a, **kw):
+        raise ValueError(f"conversion from {self.mode} to {mode} not supported")
+
+    gray = image_bytes(4, "PNG", mode="L")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Image.Image, "convert", refuse)
+        got = decode(gray)
+    assert got.reason == "image_undecodable" and "conversion" in got.detail, got
     gone = {"tar": "/nonexistent.tar", "member": "x.jpg", "offset": 512, "size": 10}
     assert load_image(ImageReader(), gone).reason == "image_unreadable"
 
@@ -402,6 +517,24 @@ def test_parquet_keeps_existing_captions_unless_overwrite_then_fuse(tmp_path, bl
     assert json.loads((run / "fuse" / "config.json").read_text())["input_stage"] == "caption"
 
 
+def test_an_image_parquet_rewritten_after_shard_is_refused_row_by_row(tmp_path, blip_dir):
+    """img2dataset run again into the same folder: row N of the new file is another image."""
+    path = tmp_path / "imgs.parquet"
+    write_image_parquet(path, with_blip=False)
+    run = tmp_path / "run"
+    capsfus("shard", path, "--out", run)
+    pq.write_table(pa.table({"url": ["u"] * 10, "caption": ["c"] * 10,
+                             "key": [f"p{i:04d}" for i in range(10)],
+                             "jpg": [image_bytes(900 + i, size=(60, 50)) for i in range(10)]}),
+                   path, row_group_size=4)
+    capsfus("caption", run, "--model", blip_dir, *FAST)
+    out, rej = assert_exactly_once(run, "caption")
+    assert out == [] and len(rej) == 10
+    for r in rej:
+        if r["key"] != "p0003":                         # its cell was null at ingest
+            assert r["reason"] == "image_unreadable" and "changed since ingest" in r["detail"]
+
+
 def test_candidates_reranked_with_clip_are_seeded(tmp_path, blip_dir, clip_dir):
     write_wds(tmp_path / "wds", n_shards=1, per_shard=6, broken=False)
     results = []
@@ -418,6 +551,10 @@ def test_candidates_reranked_with_clip_are_seeded(tmp_path, blip_dir, clip_dir):
         assert text and -1.0 <= score <= 1.0
     cfg = json.loads((tmp_path / "a" / "caption" / "config.json").read_text())["settings"]
     assert cfg["decoding"]["candidates"] == 4 and cfg["clip_revision"].startswith("local:")
+    # the draws depend on how rows are batched: resuming with other sizes needs --force
+    p = capsfus("caption", tmp_path / "a", "--model", blip_dir, "--candidates", 4,
+                "--clip-model", clip_dir, "--batch-size", 2, *FAST, check=False)
+    assert p.returncode == 2 and "--force" in p.stderr, p.stderr[-1000:]
 
 
 def test_candidates_pick_the_best_clip_score(blip_dir, clip_dir):

@@ -45,7 +45,8 @@ def _preprocessing(folder: str, image_size) -> tuple[tuple[int, int], tuple, tup
         cfg = json.loads(p.read_text())
         mean = tuple(cfg.get("image_mean") or mean)
         std = tuple(cfg.get("image_std") or std)
-        s = cfg.get("size") or cfg.get("crop_size")
+        # CLIP resizes the short side, then centre-crops to crop_size: the model's input
+        s = cfg.get("crop_size") or cfg.get("size")
         if isinstance(s, dict) and "height" in s and "width" in s:
             size = (s["height"], s["width"])
         elif isinstance(s, dict) and "shortest_edge" in s:

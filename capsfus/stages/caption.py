@@ -112,7 +112,10 @@ class CaptionJob:
         """The output-shaping settings (hashed; a change needs --force)."""
         dec = {"max_new_tokens": self.new_tokens(), "min_new_tokens": self.min_new_tokens}
         if self.candidates > 1:
-            dec.update(candidates=self.candidates, top_p=self.top_p, seed=self.seed)
+            # sampling is seeded per batch, and batches are cut within chunks: both sizes
+            # decide which captions are drawn, so a resume must keep them
+            dec.update(candidates=self.candidates, top_p=self.top_p, seed=self.seed,
+                       batch_size=self.batch_size, chunk_size=self.chunk_size)
         else:
             dec.update(num_beams=self.num_beams)
         return {"engine": self.engine, "model": self.model, "revision": self.revision,
@@ -203,7 +206,12 @@ class CaptionProcessor:
     def __init__(self, job: CaptionJob, captioner):
         self.job = job
         self.captioner = captioner
-        self.reader = ImageReader()
+        from pathlib import Path
+
+        from ..manifest import Run
+        sources = Run(Path(job.run_dir)).manifest()["sources"]
+        self.reader = ImageReader(sizes={s["path"]: s["size"] for s in sources
+                                         if s["kind"] in ("tar", "parquet")})
 
     def _decode(self, ref) -> Decoded:
         j = self.job
