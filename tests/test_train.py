@@ -115,6 +115,15 @@ def test_prompt_budget_cuts_only_the_raw_caption_as_fusion_does(tiny_llama_dir, 
     assert fmt.encode("x", "y", " ") == {"reject": "no_fused"}
     tight = Formatter(tokenizer, PromptTemplate(), "auto", "tiny", 20, 512)
     assert tight.encode("x", "y", "z")["reject"] == "prompt_over_budget"
+    # a dense synthetic caption overflowing the default budget: fusion gives the row the
+    # model's room (context - 80 new tokens); training must render the same prompt, not skip it
+    fuse_default = _engine(tiny_llama_dir)
+    dense = " ".join(["There is a red car on the street."] * 12)
+    built = make_builder(fuse_default, PromptTemplate()).build("a red car", dense)
+    assert built.text and fuse_default.max_prompt_tokens < built.n_tokens <= 512 - 80
+    enc = Formatter(tokenizer, PromptTemplate(), "auto", "tiny", None, 512).encode(
+        "a red car", dense, "There is a red car.")
+    assert enc["input_ids"][:enc["n_prompt"]] == fuse_default.encode([built.text])[0]
     # a context too short for the target: the fused caption is cut, never the prompt
     short = Formatter(tokenizer, PromptTemplate(), "auto", "tiny", 200, 230)
     e = short.encode("a cat", "There is a cat.", " ".join(["a cat in the kitchen"] * 40))
@@ -188,10 +197,13 @@ def test_dist_env_from_slurm():
     from capsfus.train.launch import dist_env_from_slurm
     e = dist_env_from_slurm({"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu[03-04]",
                              "SLURM_NTASKS": "16", "SLURM_PROCID": "9", "SLURM_LOCALID": "1",
-                             "SLURM_TASKS_PER_NODE": "8(x2)", "PATH": os.environ["PATH"]})
+                             "SLURM_TASKS_PER_NODE": "8(x2)", "PATH": os.environ["PATH"],
+                             # exported by sbatch from the submitting shell: must not win
+                             "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"})
     assert e["MASTER_ADDR"] == "gpu03" and e["RANK"] == "9" and e["WORLD_SIZE"] == "16"
     assert e["LOCAL_RANK"] == "1" and e["LOCAL_WORLD_SIZE"] == "8"
-    assert e["MASTER_PORT"] == dist_env_from_slurm({"SLURM_JOB_ID": "77"})["MASTER_PORT"]
+    assert e["MASTER_PORT"] == dist_env_from_slurm({"SLURM_JOB_ID": "77"})["MASTER_PORT"] \
+        != dist_env_from_slurm({"SLURM_JOB_ID": "78"})["MASTER_PORT"]
 
 
 # --------------------------------------------------------------------------------- the CLI
@@ -208,6 +220,21 @@ def test_cli_errors_are_one_line(tmp_path, tiny_llama_dir):
     p = capsfus("train", "--data", tmp_path / "missing", "--base-model", tiny_llama_dir,
                 "--output", tmp_path / "o2", check=False)
     assert p.returncode == 2 and "neither a run directory" in p.stderr
+
+
+def test_deepspeed_config_that_cannot_export_is_refused_before_training(tmp_path):
+    from capsfus.train.config import TrainConfig
+    ds = json.loads((REPO / "jobs" / "deepspeed-zero3.json").read_text())
+    ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    with pytest.raises(UserError, match="stage3_gather_16bit_weights_on_model_save"):
+        TrainConfig.load(None, {"deepspeed": str(tmp_path / "ds.json")})
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UserError, match="not readable JSON"):
+        TrainConfig.load(None, {"deepspeed": str(tmp_path / "bad.json")})
+    ds["zero_optimization"]["stage"] = 2                       # ZeRO-2 saves full weights
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    assert TrainConfig.load(None, {"deepspeed": str(tmp_path / "ds.json")}).deepspeed
 
 
 def test_paper_preset_and_submit_dry_run(tmp_path, tiny_llama_dir):
@@ -272,7 +299,7 @@ def test_zero3_two_ranks_kill_resume_export_fuse(tmp_path, tiny_llama_dir):
     p = subprocess.Popen(args, cwd=REPO, env=env(), start_new_session=True,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 400
-    while latest_complete(out / "checkpoints") is None:
+    while not _stepped_past_a_checkpoint(out):
         assert p.poll() is None, f"training ended early: {p.stderr.read()[-3000:]}"
         assert time.time() < deadline, "no complete checkpoint in time"
         time.sleep(0.05)
@@ -305,6 +332,7 @@ def test_zero3_two_ranks_kill_resume_export_fuse(tmp_path, tiny_llama_dir):
     assert 4 <= resumed_step <= killed_at
     second = log[log.index(starts[-1]) + 1:]
     assert [e["step"] for e in second if "loss" in e] == list(range(resumed_step + 1, steps + 1))
+    assert_redone_steps_identical(log)
 
     # global step and the LR schedule continue: every logged step, both runs, on the curve
     final = json.loads((out / "checkpoints" / f"checkpoint-{steps}" / "trainer_state.json")
@@ -360,6 +388,36 @@ def test_zero3_two_ranks_kill_resume_export_fuse(tmp_path, tiny_llama_dir):
     # 5. the same command once more: nothing to do
     p3 = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert p3.returncode == 0 and "already trained" in p3.stderr, p3.stderr[-2000:]
+
+
+def _stepped_past_a_checkpoint(out: Path) -> bool:
+    """A complete checkpoint and a logged step after it: a kill now makes the resumed run
+    redo at least one step the killed run took."""
+    from capsfus.train.checkpoints import latest_complete
+    last = latest_complete(out / "checkpoints")
+    if last is None:
+        return False
+    try:
+        log = read_log(out)
+    except ValueError:               # a line being appended right now
+        return False
+    return any(e.get("step", 0) > int(last.name.split("-")[1]) for e in log if "loss" in e)
+
+
+def assert_redone_steps_identical(log: list[dict]) -> None:
+    """Model, optimizer, RNG and data position came back exactly: the steps taken both before
+    the interruption and after the resume (all those the first run logged past the checkpoint
+    resumed from: none only when it stopped right after writing it) have the same loss and
+    gradient norm."""
+    starts = [i for i, e in enumerate(log) if e.get("event") == "start"]
+    before = {e["step"]: e for e in log[starts[-2]:starts[-1]] if "loss" in e}
+    resumed = int(log[starts[-1]]["resume_from"].split("-")[1])
+    redone = [e for e in log[starts[-1]:] if "loss" in e and e["step"] in before]
+    assert [e["step"] for e in redone] == list(range(resumed + 1, max(before) + 1))
+    for e in redone:
+        old = before[e["step"]]
+        assert (e["loss"], e["grad_norm"]) == pytest.approx((old["loss"], old["grad_norm"]),
+                                                            rel=1e-6), e["step"]
 
 
 def base_loss(model, rows, tok) -> float:

@@ -99,6 +99,8 @@ class TrainConfig:
                             "its source checkout): pass --deepspeed FILE or --no-deepspeed")
         if cfg.deepspeed and not Path(cfg.deepspeed).is_file():
             raise UserError(f"deepspeed config {cfg.deepspeed} not found")
+        if cfg.deepspeed:
+            _check_deepspeed(cfg.deepspeed)
         return cfg
 
     def to_dict(self) -> dict:
@@ -120,6 +122,22 @@ class TrainConfig:
                             f"per-device batch {self.per_device_batch_size} x {world_size} "
                             f"rank(s): change per_device_batch_size or the number of GPUs")
         return self.global_batch_size // per_step
+
+
+def _check_deepspeed(path: str) -> None:
+    """Before training, not at the export after it: ZeRO-3 must gather the full weights."""
+    try:
+        ds = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"deepspeed config {path}: not readable JSON ({e})") from None
+    zero = ds.get("zero_optimization") if isinstance(ds, dict) else None
+    if not isinstance(zero, dict):
+        return
+    if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") \
+            not in (True, "true"):
+        raise UserError(f"deepspeed config {path}: ZeRO-3 without "
+                        f"stage3_gather_16bit_weights_on_model_save: true cannot export the "
+                        f"full weights; set it to true")
 
 
 def _coerce(cls, data: dict) -> dict:

@@ -145,8 +145,12 @@ class Formatter:
         self.max_prompt_tokens = budget
         self.context = context
         self.chat = tok.chat is not None
+        # as the transformers engine: without an explicit budget, a row whose instruction and
+        # synthetic caption overflow the default budget gets the model's room
+        hard = room if not max_prompt_tokens and room and room > 0 else None
         self.builder = PromptBuilder(template, tok.count_tokens, tok.truncate,
-                                     tok.caption_tokens, budget, chat=tok.chat)
+                                     tok.caption_tokens, budget, chat=tok.chat,
+                                     hard_max_tokens=hard)
         self.mask_prompt = mask_prompt
 
     def prompt(self, raw: str, synthetic: str):

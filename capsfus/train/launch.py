@@ -55,10 +55,12 @@ def dist_env_from_slurm(env: dict | None = None) -> dict:
     ntasks = e.get("SLURM_NTASKS") or "1"
     local_world = (e.get("SLURM_NTASKS_PER_NODE") or e.get("SLURM_TASKS_PER_NODE") or "1")
     local_world = local_world.split("(")[0].split(",")[0]
-    return {"MASTER_ADDR": e.get("MASTER_ADDR") or _first_host(nodelist),
+    # never MASTER_ADDR/PORT from the environment: sbatch exports the submitting shell's, and
+    # a "localhost" from there sends the ranks of other nodes looking for rank 0 on themselves
+    return {"MASTER_ADDR": _first_host(nodelist),
             # the same port on every task, from the job id (requeues keep the id: the old
             # processes are gone by then)
-            "MASTER_PORT": e.get("MASTER_PORT") or str(20000 + zlib.crc32(job.encode()) % 20000),
+            "MASTER_PORT": str(20000 + zlib.crc32(job.encode()) % 20000),
             "RANK": e.get("SLURM_PROCID", "0"), "WORLD_SIZE": ntasks,
             "LOCAL_RANK": e.get("SLURM_LOCALID", "0"), "LOCAL_WORLD_SIZE": local_world}
 
