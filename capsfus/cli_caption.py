@@ -28,21 +28,24 @@ def _caption_options(f):
                      help="YAML file of option defaults, e.g. jobs/caption-blip-large.yaml."),
         click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
                      help="Captioning model: a Hub id or a local folder (BLIP for "
-                          "--engine transformers, a vision-language chat model for vllm)."),
+                          "--engine transformers, a vision-language chat model for vlm / "
+                          "vllm)."),
         click.option("--revision", help="Model revision (branch, tag or commit)."),
-        click.option("--engine", type=click.Choice(["transformers", "vllm"]),
+        click.option("--engine", type=click.Choice(["transformers", "vlm", "vllm"]),
                      default="transformers", show_default=True,
-                     help="transformers: BLIP (CPU or GPU); vllm: a VLM on GPUs (untested "
+                     help="transformers: BLIP (CPU or GPU); vlm: a LLaVA-style chat VLM "
+                          "through transformers (CPU or GPU); vllm: a VLM on GPUs (untested "
                           "here)."),
         click.option("--batch-size", default=32, show_default=True,
                      help="Images per forward pass (halved on out-of-memory)."),
         click.option("--prompt", help='BLIP: text the caption continues, e.g. "a picture of" '
-                                      "(the caption is stored without it); vllm: replaces "
+                                      "(the caption is stored without it); vlm/vllm: replaces "
                                       "the --format instruction."),
         click.option("--format", type=click.Choice(list(FORMATS)), default="short",
                      show_default=True,
                      help="Caption format, stored per row (`caption_format`): short (BLIP, "
-                          "LAION-COCO style), descriptive or dense (VLMs through vllm)."),
+                          "LAION-COCO style), descriptive or dense (VLMs: --engine vlm or "
+                          "vllm; the instruction goes through the model's chat template)."),
         click.option("--tag", help="Another caption stage, caption@TAG, after the existing "
                                    "ones (e.g. a --format dense pass into --column "
                                    "synthetic_dense, for caption mixes at export)."),
@@ -94,9 +97,11 @@ def _caption_job(run_dir: str, kw: dict):
     from .stages.caption import CaptionJob
     if kw["decode_threads"] < 0:
         raise UserError("--decode-threads must be 0 or more")
-    if kw["engine"] == "vllm" and kw["model"] == DEFAULT_MODEL:
-        raise UserError("--engine vllm captions with a vision-language chat model: pass "
-                        "--model (e.g. Qwen/Qwen2-VL-7B-Instruct)")
+    if kw["engine"] in ("vlm", "vllm") and kw["model"] == DEFAULT_MODEL:
+        example = "llava-hf/llava-1.5-7b-hf" if kw["engine"] == "vlm" else \
+            "Qwen/Qwen2-VL-7B-Instruct"
+        raise UserError(f"--engine {kw['engine']} captions with a vision-language chat model: "
+                        f"pass --model (e.g. {example})")
     from .manifest import stage_name
     run = Run(Path(run_dir).resolve())  # workers and logs get absolute paths
     manifest = run.manifest()

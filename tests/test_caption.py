@@ -701,3 +701,174 @@ def test_a_second_caption_column_chains_into_fuse_and_the_export_mix(tmp_path, b
     # the row whose image is missing is out whatever the mix (its raw caption has no picture)
     assert summary["rows"]["excluded"] == {"caption:image_missing": 1}
     assert [s["stage"] for s in summary["stages"]] == ["fuse", "caption@long", "caption"]
+
+
+# ------------------------------------------------------------------------- --engine vlm
+LLAVA_WORDS = WORDS + ("describe this image dense detail one paragraph every visible object "
+                       "its attributes colour material count position any text background "
+                       "and setting lighting style no preamble").split()
+
+
+def build_tiny_llava(folder: Path, image_size: int = 32, patch_size: int = 8) -> None:
+    """A random LLaVA (tiny CLIP vision tower + tiny Llama) with a word-level tokenizer that
+    has an ``<image>`` token and a LLaVA-1.5-like chat template, and a CLIP preprocessor
+    config (mean/std not the defaults)."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, PreTrainedTokenizerFast)
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(set(LLAVA_WORDS)) +
+                                        ["user", "assistant", ":", ".", ",", "(", ")"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", unk_token="<unk>",
+                                  additional_special_tokens=["<image>"])
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] | upper }}: "
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+        "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} "
+        "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    tok.save_pretrained(folder)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=image_size, patch_size=patch_size,
+                                       initializer_range=0.3),
+        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, max_position_embeddings=256,
+                                bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                initializer_range=0.3),
+        image_token_index=vocab["<image>"], vision_feature_layer=-1,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(cfg).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_center_crop": True,
+        "size": {"shortest_edge": image_size},
+        "crop_size": {"height": image_size, "width": image_size},
+        "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3]}))
+
+
+# Loaded first in the captioning subprocess (PYTHONPATH): records every prompt the LLaVA
+# model is asked to continue, and at exit whether torchvision was imported. (A stand-in
+# torchvision package cannot be used: transformers imports any torchvision it can find.)
+_SPY = '''
+import atexit, json, os, sys
+from transformers.models.llava import modeling_llava as m
+_generate = m.LlavaForConditionalGeneration.generate
+def generate(self, *a, **kw):
+    with open(os.environ["SPY_LOG"], "a") as f:
+        for ids, mask in zip(kw["input_ids"].tolist(), kw["attention_mask"].tolist()):
+            f.write(json.dumps({"ids": ids, "mask": mask, "n": len(kw["input_ids"]),
+                                "pixels": list(kw["pixel_values"].shape)}) + "\\n")
+    return _generate(self, *a, **kw)
+m.LlavaForConditionalGeneration.generate = generate
+def _modules():
+    with open(os.environ["SPY_LOG"] + ".exit", "w") as f:
+        json.dump({"torchvision": "torchvision" in sys.modules,
+                   "llava": "transformers.models.llava" in sys.modules}, f)
+atexit.register(_modules)
+'''
+
+
+def _contains(seq: list[int], sub: list[int]) -> bool:
+    return any(seq[i:i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
+
+def test_vlm_engine_writes_dense_captions_through_the_chat_template(tmp_path, blip_dir):
+    """Issue 8: `--engine vlm --format dense` on a tiny random LLaVA, as a second caption
+    column after BLIP: every row once, the dense instruction in every prompt the model got
+    (through the chat template, one <image> placeholder per image feature), batched, no
+    torchvision."""
+    from transformers import AutoTokenizer
+
+    from capsfus.stages.caption import FORMATS, CaptionJob
+    llava = tmp_path / "tiny-llava"
+    llava.mkdir()
+    build_tiny_llava(llava)
+    write_image_parquet(tmp_path / "imgs.parquet", with_blip=False)
+    run = tmp_path / "run"
+    capsfus("shard", tmp_path / "imgs.parquet", "--out", run, "--rows-per-shard", 6)
+    capsfus("caption", run, "--model", blip_dir, "--chunk-size", 3, *FAST)
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    (spy / "sitecustomize.py").write_text(_SPY)
+    log = tmp_path / "prompts.jsonl"
+    args = ("caption", run, "--engine", "vlm", "--model", llava, "--format", "dense",
+            "--column", "synthetic_dense", "--tag", "dense", "--chunk-size", 4,
+            "--batch-size", 3, "--num-beams", 1, "--max-new-tokens", 8, "--min-side", 8)
+    capsfus(*args, PYTHONPATH=spy, SPY_LOG=log)
+    exit_modules = json.loads(Path(f"{log}.exit").read_text())
+    assert exit_modules == {"torchvision": False, "llava": True}
+    cfg = json.loads((run / "caption@dense" / "config.json").read_text())
+    assert cfg["input_stage"] == "caption" and cfg["settings"]["engine"] == "vlm"
+    assert cfg["settings"]["prompt"] == FORMATS["dense"]
+    first = {r["id"]: r for r in stage_rows(run, "caption")[0]}
+    out, rej = stage_rows(run, "caption@dense")
+    assert sorted(r["id"] for r in out) == sorted(first) and rej == []   # each row once
+    for s in StageDir(Run(run), "caption@dense").all_states().values():
+        assert s["status"] == "done", s
+    for r in out:
+        assert r["synthetic_dense"].strip() and r["synthetic_dense_format"] == "dense"
+        assert r["synthetic_dense_model"] == str(llava)
+        assert r["synthetic"] == first[r["id"]]["synthetic"]        # BLIP's column stays
+        words = set(LLAVA_WORDS) | set("user assistant : . , ( )".split())
+        assert set(r["synthetic_dense"].split()) <= words
+    assert len({r["synthetic_dense"] for r in out}) > 1              # depends on the image
+    # what the model was given: one prompt per captioned row, in batches of at most 3
+    prompts = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(prompts) == len(out) and max(p["n"] for p in prompts) == 3
+    tok = AutoTokenizer.from_pretrained(llava)
+    instruction = tok(FORMATS["dense"], add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in instruction and len(instruction) > 20
+    image_id = tok.convert_tokens_to_ids("<image>")
+    for p in prompts:
+        assert _contains(p["ids"], instruction), tok.decode(p["ids"])
+        assert p["ids"].count(image_id) == (32 // 8) ** 2       # CLS left out ("default")
+        assert p["ids"].count(tok.bos_token_id) == 1 and p["pixels"][1:] == [3, 32, 32]
+        assert all(p["mask"])
+    # exactly-once on a rerun: nothing captioned again
+    capsfus(*args, PYTHONPATH=spy, SPY_LOG=log)
+    assert len(log.read_text().splitlines()) == len(prompts)
+    assert sorted(r["id"] for r in stage_rows(run, "caption@dense")[0]) == sorted(first)
+    # the job sends FORMATS' dense instruction with its token budget; a VLM needs --model
+    job = CaptionJob(run_dir=str(run), model=str(llava), engine="vlm", format="dense")
+    assert job.instruction() == FORMATS["dense"] and job.new_tokens() == 300
+    p = capsfus("caption", run, "--engine", "vlm", "--tag", "x", "--column", "synthetic_x",
+                check=False)
+    assert p.returncode == 2 and "pass --model" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_vlm_batches_give_the_captions_of_single_images(tmp_path):
+    """A batch captions each image as it would alone (greedy; the tokenizer pads on the left,
+    where a decoder-only model expects padding)."""
+    from capsfus.engines.vlm_transformers import VlmCaptioner
+    llava = tmp_path / "tiny-llava"
+    llava.mkdir()
+    build_tiny_llava(llava)
+    cap = VlmCaptioner(str(llava), instruction="describe this image", max_new_tokens=6,
+                       batch_size=4)
+    assert cap.tokenizer.padding_side == "left" and cap.n_image_tokens == 16
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    alone = [cap.caption(images[i:i + 1], ["x"])[0].text for i in range(4)]
+    assert [c.text for c in cap.caption(images, list("abcd"))] == alone
+    assert len(set(alone)) > 1
+    # our preprocessing (CLIP-style short side + centre crop, the model's mean/std) matches
+    # transformers' CLIP image processor (its PIL backend) to a uint8 rounding step
+    from transformers import CLIPImageProcessor
+
+    from capsfus.images import normalize
+    proc = CLIPImageProcessor.from_pretrained(llava)
+    for data in (image_bytes(7, "PNG", size=(48, 40)), image_bytes(8, "PNG", (40, 64), "L")):
+        im = decode(data).image
+        ours = normalize(np.stack([resize_uint8(im, cap.input_size, crop=cap.crop)]),
+                         cap.mean, cap.std).numpy()
+        theirs = proc(im, return_tensors="np")["pixel_values"]
+        assert ours.shape == theirs.shape == (1, 3, 32, 32)
+        assert np.abs(ours - theirs).max() < 1.01 / 255 / 0.2, np.abs(ours - theirs).max()

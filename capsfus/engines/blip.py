@@ -65,6 +65,24 @@ def pick_device_dtype(dtype: str):
                     "float16": torch.float16}[dtype]
 
 
+def in_batches(run, n: int, batch_size: int) -> list:
+    """``run(i, j)`` over [0, n) in slices of ``batch_size``, halved on CUDA out-of-memory."""
+    import torch
+    out: list = []
+    bs, i = batch_size, 0
+    while i < n:
+        try:
+            out += run(i, min(n, i + bs))
+            i += bs
+        except torch.cuda.OutOfMemoryError:
+            if bs == 1:
+                raise
+            torch.cuda.empty_cache()
+            bs = max(1, bs // 2)
+            log.warning("out of memory: batch size now %d", bs)
+    return out
+
+
 def batch_seed(seed: int, first_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{first_id}".encode()).digest()[:4], "big")
 
@@ -153,21 +171,9 @@ class BlipCaptioner:
 
     def caption(self, images: np.ndarray, ids: list[str], clip_images: np.ndarray | None = None
                 ) -> list[Caption]:
-        out: list[Caption] = []
-        bs = self.batch_size
-        i = 0
-        while i < len(ids):
-            try:
-                out += self._batch(images[i:i + bs], ids[i:i + bs],
-                                   None if clip_images is None else clip_images[i:i + bs])
-                i += bs
-            except self._torch.cuda.OutOfMemoryError:
-                if bs == 1:
-                    raise
-                self._torch.cuda.empty_cache()
-                bs = max(1, bs // 2)
-                log.warning("out of memory: batch size now %d", bs)
-        return out
+        return in_batches(lambda i, j: self._batch(
+            images[i:j], ids[i:j], None if clip_images is None else clip_images[i:j]),
+            len(ids), self.batch_size)
 
     def _batch(self, images: np.ndarray, ids: list[str], clip_images) -> list[Caption]:
         from ..images import normalize

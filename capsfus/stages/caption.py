@@ -55,7 +55,8 @@ class CaptionJob:
     stage: str = "caption"
     model: str = DEFAULT_MODEL
     revision: str | None = None
-    engine: str = "transformers"            # transformers (BLIP) | vllm (a VLM, untested)
+    engine: str = "transformers"            # transformers (BLIP) | vlm (a VLM, transformers)
+    #                                         | vllm (a VLM, untested)
     dtype: str = "auto"
     batch_size: int = 32
     prompt: str | None = None               # BLIP: text the caption continues; VLM: overrides
@@ -78,13 +79,14 @@ class CaptionJob:
 
     def __post_init__(self):
         from ..errors import UserError
-        if self.engine not in ("transformers", "vllm"):
-            raise UserError(f"--engine {self.engine}: use transformers (BLIP) or vllm (a VLM)")
+        if self.engine not in ("transformers", "vlm", "vllm"):
+            raise UserError(f"--engine {self.engine}: use transformers (BLIP), vlm (a VLM "
+                            f"through transformers) or vllm (a VLM through vLLM)")
         if self.format not in FORMATS:
             raise UserError(f"--format {self.format}: use one of {', '.join(FORMATS)}")
         if self.engine == "transformers" and self.format != "short":
             raise UserError(f"--format {self.format} needs an instruction-following VLM "
-                            f"(--engine vllm); BLIP writes short captions only")
+                            f"(--engine vlm or vllm); BLIP writes short captions only")
         if self.candidates < 1 or self.batch_size < 1 or self.num_beams < 1:
             raise UserError("--candidates, --batch-size and --num-beams must be at least 1")
         if self.clip_model and self.candidates < 2:
@@ -161,6 +163,12 @@ class CaptionJob:
     def load_captioner(self):
         from ..models import resolve_model
         folder, _ = resolve_model(self.model, _hub_rev(self.revision))
+        if self.engine == "vlm":
+            from ..engines.vlm_transformers import VlmCaptioner
+            return VlmCaptioner(folder, instruction=self.instruction(),
+                                max_new_tokens=self.new_tokens(),
+                                min_new_tokens=self.min_new_tokens, num_beams=self.num_beams,
+                                batch_size=self.batch_size, dtype=self.dtype)
         if self.engine == "vllm":
             from ..engines.vllm_vlm import VllmCaptioner
             return VllmCaptioner(folder, instruction=self.instruction(),
@@ -227,7 +235,8 @@ class CaptionProcessor:
             from ..engines.vllm_vlm import MAX_SIDE
             im.thumbnail((MAX_SIDE, MAX_SIDE))
             return Decoded(im)
-        return Decoded(resize_uint8(im, size),
+        crop = getattr(self.captioner, "crop", False)     # CLIP-style towers (--engine vlm)
+        return Decoded(resize_uint8(im, size, crop=crop),
                        resize_uint8(im, clip_size, crop=True) if clip_size else None)
 
     def _decode_all(self, refs: list, threads: int) -> list[Decoded]:
