@@ -127,6 +127,9 @@ def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
             atomic_write_json(logs / f"worker-{worker_id}.json", summary)
         if not ran:
             break
+    # also when this worker found nothing left to do (the others were faster): every worker
+    # that started leaves its summary
+    atomic_write_json(logs / f"worker-{worker_id}.json", summary)
     opened.close()
     log.info("worker %s finished: %s", worker_id, summary["shards"])
     root.removeHandler(handler)
