@@ -61,11 +61,12 @@ from ..prices import Price
 from ..prompt import PromptBuilder, PromptTemplate
 from ..rows import FUSED, RAW, SYNTHETIC
 from ..stage import StageDir, input_rows
+from .fuse import FUSE_REJECT_REASONS
 
 log = logging.getLogger("capsfus.teacher")
 
 TEACHER_REJECT_REASONS = {
-    "no_synthetic": "the row has no synthetic caption (run `capsfus caption` first)",
+    "no_synthetic": FUSE_REJECT_REASONS["no_synthetic"],        # the same rule as fusion
     "prompt_over_budget": "the prompt does not fit --max-prompt-tokens even with the raw "
                           "caption cut",
     "bad_request": "the endpoint refused the request (4xx)",
