@@ -75,9 +75,10 @@ def run_variant(run: Path, model: Path, threads: int, batch: int, chunk: int,
                 decoding: dict) -> tuple[float, dict]:
     """Seconds from the model loaded to the stage done (the worker's busy time), and the
     outputs (id -> caption or reject reason)."""
+    from runhelp import stage_rows
+
     from capsfus.executors.local import prepare, run_local
     from capsfus.stages.caption import CaptionJob
-    from runhelp import stage_rows
     shutil.rmtree(run / "caption", ignore_errors=True)
     job = CaptionJob(run_dir=str(run), model=str(model), decode_threads=threads,
                      batch_size=batch, chunk_size=chunk, **decoding)
@@ -93,8 +94,8 @@ def parts(run: Path, model: Path, batch: int, decoding: dict, threads: int) -> d
     takes max(decode, caption) instead of their sum."""
     import numpy as np
 
-    from capsfus.manifest import Run
-    from capsfus.stage import input_rows
+    from capsfus.rundir.manifest import Run
+    from capsfus.rundir.stage import input_rows
     from capsfus.stages.caption import CaptionJob, CaptionProcessor
     r = Run(run)
     m = r.manifest()
@@ -130,8 +131,9 @@ def main() -> None:
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
     w, h = map(int, args.size.split("x"))
-    from capsfus.ingest import shard
     from test_caption import build_tiny_blip
+
+    from capsfus.ingest.shard import shard
     with tempfile.TemporaryDirectory(prefix="capbench-") as tmp:
         tmp = Path(tmp)
         model = tmp / "tiny-blip"

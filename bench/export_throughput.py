@@ -46,9 +46,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep", help="keep the run and exports in this folder")
     args = ap.parse_args()
-    from capsfus.export import ExportOptions, export_run
-    from capsfus.manifest import Run
-    from capsfus.stage import StageDir
+    from capsfus.hub.export import ExportOptions, export_run
+    from capsfus.rundir.manifest import Run
+    from capsfus.rundir.stage import StageDir
     folder = Path(args.keep or tempfile.mkdtemp(prefix="capsfus-export-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     run = make_run(folder, args.rows, args.rows_per_shard)

@@ -1,7 +1,7 @@
 """Fusion throughput: the released CapsFus-LLaMA inference settings against our transformers
 engine, on the same model and the same real prompts (issue 2).
 
-The code now lives in ``capsfus/bench.py`` and is the CLI's ``capsfus bench fuse``; this
+The code now lives in ``capsfus/perf/bench.py`` and is the CLI's ``capsfus bench fuse``; this
 script keeps the command recorded in docs/benchmarks.md working:
 
     python bench/fuse_engines.py --n 64 --rounds 2 --out runs/bench-fuse.json
@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from capsfus.bench import DATA, bench_fuse, table
+from capsfus.perf.bench import DATA, bench_fuse, table
 
 
 def main() -> None:

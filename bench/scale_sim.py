@@ -44,11 +44,11 @@ def build(folder: Path, shards: int) -> Path:
     # half the shards done (real fusion with the echo engine)
     sh("fuse", run, "--engine", "echo", "--shards", f"0-{shards // 2 - 1}")
     # fake a SLURM submission record and a few failed / interrupted shards
+    from capsfus.engines import EngineSpec
     from capsfus.executors.local import prepare
     from capsfus.executors.slurm import ExecutorSettings, submit
-    from capsfus.manifest import Run
+    from capsfus.rundir.manifest import Run
     from capsfus.stages.fuse import FuseJob
-    from capsfus.engines import EngineSpec
     job = FuseJob(run_dir=str(run), stage="fuse", spec=EngineSpec("echo"))
     prep = prepare(job, None)
     rec = submit(prep, ExecutorSettings(nodes=16, gpus_per_node=8), Run(run).manifest()["run_id"],

@@ -8,7 +8,7 @@ duplicate-id detection runs at full size. Every measurement runs in a fresh chil
 whose peak RSS (``ru_maxrss`` and ``VmHWM``) is the figure reported: the point is that it
 stays roughly flat while the input grows 16x.
 
-Also measured: reading the written shards back (``capsfus.io.iter_jsonl_zst``) and a plain
+Also measured: reading the written shards back (``capsfus.rundir.io.iter_jsonl_zst``) and a plain
 ``JsonlZstWriter`` write + read round trip.
 
     python bench/shard_io.py --out bench/shard_io.json                 # about 3-4 minutes
@@ -50,7 +50,7 @@ def child_ingest(inp: str, run: str, rows_per_shard: int) -> dict:
     import pyarrow.parquet  # noqa: F401  (imported by the ingest anyway: not row memory)
     import zstandard  # noqa: F401
 
-    from capsfus.ingest import shard
+    from capsfus.ingest.shard import shard
     base = _mem()  # interpreter + capsfus + pyarrow + zstandard, before any row
     t0 = time.perf_counter()
     m = shard([inp], run, rows_per_shard=rows_per_shard, id_col="uid")
@@ -62,7 +62,7 @@ def child_ingest(inp: str, run: str, rows_per_shard: int) -> dict:
 
 
 def child_read(run: str) -> dict:
-    from capsfus.io import iter_jsonl_zst
+    from capsfus.rundir.io import iter_jsonl_zst
     m = json.loads((Path(run) / "manifest.json").read_text())
     t0 = time.perf_counter()
     rows = 0
@@ -80,7 +80,7 @@ def child_read(run: str) -> dict:
 
 
 def child_writer(rows: int, folder: str) -> dict:
-    from capsfus.io import JsonlZstWriter, dumps, iter_jsonl_zst
+    from capsfus.rundir.io import JsonlZstWriter, dumps, iter_jsonl_zst
     sample = json.loads(SAMPLE.read_text(encoding="utf-8"))
     made = [{"id": f"{i:09d}", "raw": r["laion_2b"], "synthetic": r["laion_coco"],
              "url": f"https://img.example.invalid/{i:09d}.jpg",

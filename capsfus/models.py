@@ -60,8 +60,13 @@ def resolve_model(model: str, revision: str | None = None,
 
 def _resolve_hub(repo: str, revision: str | None, gguf_file: str | None) -> tuple[str, str]:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     at = f" at revision {revision}" if revision else ""
     cli_rev = f" --revision {revision}" if revision else ""

@@ -152,3 +152,13 @@ class PromptBuilder:
         return BuiltPrompt(None, reject="prompt_over_budget",
                            detail=f"the prompt without the raw caption is over the budget of "
                                   f"{budget} tokens{hint}")
+
+
+# --- approximate tokens for the prompt budget (the endpoint's tokenizer is not known here) --
+def approx_tokens(text: str) -> int:
+    return max(1, -(-len(text.encode("utf-8")) // 4))
+
+
+def approx_truncate(text: str, n: int) -> str:
+    cut = text.encode("utf-8")[:n * 4].decode("utf-8", "ignore")
+    return cut.rsplit(" ", 1)[0] if " " in cut.strip() and len(cut) < len(text) else cut

@@ -10,9 +10,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from capsfus.io import iter_jsonl_zst
-from capsfus.manifest import Run
-from capsfus.stage import StageDir
+from capsfus.rundir.io import iter_jsonl_zst
+from capsfus.rundir.manifest import Run
+from capsfus.rundir.stage import StageDir
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SAMPLE = REPO.parent / "shared" / "data" / "capsfusion_example_10k.json"

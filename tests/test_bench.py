@@ -38,8 +38,8 @@ def test_bench_random_weights_tiny_arch_then_plan(tmp_path, tiny_llama_dir):
 def test_bench_random_weights_output_length_is_the_measured_mean(tmp_path, tiny_llama_dir):
     from transformers import AutoTokenizer
 
-    from capsfus.bench import bench_fuse
-    from capsfus.plan import sample_rows
+    from capsfus.perf.bench import bench_fuse
+    from capsfus.perf.plan import sample_rows
     r = bench_fuse(model=str(tiny_llama_dir), random_arch="tiny", rows=3, variants="c",
                    device="cpu", log=lambda s: None)
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -50,7 +50,7 @@ def test_bench_random_weights_output_length_is_the_measured_mean(tmp_path, tiny_
 
 
 def test_bench_real_weights_stop_by_themselves(tmp_path, tiny_llama_dir):
-    from capsfus.bench import bench_fuse
+    from capsfus.perf.bench import bench_fuse
     r = bench_fuse(model=str(tiny_llama_dir), rows=3, variants="a,b", device="cpu",
                    log=lambda s: None)
     assert r["output_tokens_fixed"] is None and not r["random_weights"]

@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 from runhelp import assert_exactly_once, capsfus, input_ids, popen, stage_rows
 
-from capsfus.images import ImageReader, decode, load_image, resize_uint8
-from capsfus.manifest import Run
-from capsfus.stage import StageDir
+from capsfus.ingest.images import ImageReader, decode, load_image, resize_uint8
+from capsfus.rundir.manifest import Run
+from capsfus.rundir.stage import StageDir
 
 WORDS = ("a an the picture of photo dog cat red blue car man woman on in with street table "
          "house tree sky white black two small big green field water boat").split()
@@ -269,7 +269,7 @@ def test_shard_image_parquet_references_rows(tmp_path):
 def test_a_tar_rewritten_after_ingest_is_not_read_as_other_images(tmp_path):
     """img2dataset run again into the same folder: the same offsets now hold other samples.
     Their bytes must not be captioned as the rows' images."""
-    from capsfus.images import tar_records
+    from capsfus.ingest.images import tar_records
     a, b = image_bytes(1, "BMP", size=(40, 40)), image_bytes(2, "BMP", size=(40, 40))
     assert len(a) == len(b)            # before: b decoded as k1 without a word
     tar = tmp_path / "00000.tar"
@@ -326,8 +326,7 @@ def test_blip_pixels_match_blip_image_processor(blip_dir):
     the model's own size, mean and std."""
     from transformers import BlipImageProcessor
 
-    from capsfus.engines.blip import _preprocessing
-    from capsfus.images import normalize
+    from capsfus.engines.blip import _preprocessing, normalize
     cfg = json.loads((blip_dir / "preprocessor_config.json").read_text())
     cfg.update(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3])   # not the defaults
     folder = blip_dir.parent / "blip-preproc"
@@ -351,7 +350,7 @@ def test_blip_pixels_match_blip_image_processor(blip_dir):
 
 def test_img2dataset_layout_needs_images_not_urls():
     from capsfus.errors import UserError
-    from capsfus.rows import resolve_mapping
+    from capsfus.rundir.rows import resolve_mapping
     m = resolve_mapping({"caption", "image", "key"}, None, None, None, None)
     assert (m.layout, m.raw, m.synthetic, m.url) == ("img2dataset", "caption", None, None)
     assert resolve_mapping({"caption", "image", "url"}, None, None, None, None).url == "url"
@@ -715,8 +714,13 @@ def build_tiny_llava(folder: Path, image_size: int = 32, patch_size: int = 8) ->
     config (mean/std not the defaults)."""
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, PreTrainedTokenizerFast)
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        PreTrainedTokenizerFast,
+    )
     specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
     vocab = {t: i for i, t in enumerate(specials + sorted(set(LLAVA_WORDS)) +
                                         ["user", "assistant", ":", ".", ",", "(", ")"])}
@@ -863,7 +867,7 @@ def test_vlm_batches_give_the_captions_of_single_images(tmp_path):
     # transformers' CLIP image processor (its PIL backend) to a uint8 rounding step
     from transformers import CLIPImageProcessor
 
-    from capsfus.images import normalize
+    from capsfus.engines.blip import normalize
     proc = CLIPImageProcessor.from_pretrained(llava)
     for data in (image_bytes(7, "PNG", size=(48, 40)), image_bytes(8, "PNG", (40, 64), "L")):
         im = decode(data).image

@@ -16,9 +16,9 @@ import pytest
 from openai_server import start_server
 from runhelp import SHARED_SAMPLE, capsfus
 
-from capsfus import metrics as M
-from capsfus.io import iter_jsonl_zst
-from capsfus.judge import PROMPT, combine, parse_verdict, run_judge
+from capsfus.quality import metrics as M
+from capsfus.quality.judge import PROMPT, combine, parse_verdict, run_judge
+from capsfus.rundir.io import iter_jsonl_zst
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -367,8 +367,8 @@ def test_judge_survives_endpoint_faults_and_counts_unparsable_answers(tmp_path):
 
 def test_client_refuses_zero_concurrency():
     """--judge-concurrency 0 would be a semaphore nobody can take: a hang, not a judge."""
+    from capsfus.engines.openai_client import ClientSettings, OpenAIClient
     from capsfus.errors import UserError
-    from capsfus.openai_client import ClientSettings, OpenAIClient
     with pytest.raises(UserError, match="concurrency"):
         OpenAIClient(ClientSettings(endpoint="http://127.0.0.1:9/v1", model="m", concurrency=0),
                      "k")

@@ -14,10 +14,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from runhelp import SHARED_SAMPLE, capsfus, stage_rows
 
 from capsfus.hub.dataset_card import front_matter
-
-from runhelp import SHARED_SAMPLE, capsfus, stage_rows
 
 pytestmark = pytest.mark.skipif(not SHARED_SAMPLE.exists(), reason="needs ../shared/data")
 

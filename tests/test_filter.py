@@ -14,8 +14,14 @@ import pytest
 from runhelp import assert_exactly_once, capsfus, stage_rows, write_rows
 
 from capsfus.errors import UserError
-from capsfus.filters import (REGISTRY, Filters, default_config, describe_rules, load_config,
-                             resolve_config)
+from capsfus.quality.filters import (
+    Filters,
+    default_config,
+    describe_rules,
+    load_config,
+    resolve_config,
+)
+from capsfus.quality.rules import REGISTRY
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "capsfusion_example_10k.json"

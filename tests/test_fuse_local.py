@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from runhelp import assert_exactly_once, capsfus, echo_log_counts, popen, write_rows
 
-from capsfus.manifest import Run
-from capsfus.stage import StageDir
+from capsfus.rundir.manifest import Run
+from capsfus.rundir.stage import StageDir
 
 N_ROWS = 600
 CHUNK = 40

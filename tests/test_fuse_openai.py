@@ -7,10 +7,10 @@ import json
 import os
 from pathlib import Path
 
-from capsfus.prompt import PromptTemplate, clean_caption
+from openai_server import fusion_answer, start_server  # noqa: E402
 from runhelp import assert_exactly_once, capsfus, write_rows
 
-from openai_server import fusion_answer, start_server  # noqa: E402
+from capsfus.prompt import PromptTemplate, clean_caption
 
 KEY = "sk-fuse-4242-secret"
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest_hub import OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN
 
 CARD = ("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"

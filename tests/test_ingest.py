@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from capsfus.ingest import shard
-from capsfus.io import iter_jsonl_zst, sha256_file
-from capsfus.rows import FLAG_NO_SYNTHETIC, MAX_CAPTION_CHARS, REJECT_REASONS
+from capsfus.ingest.shard import shard
+from capsfus.rundir.io import iter_jsonl_zst, sha256_file
+from capsfus.rundir.rows import FLAG_NO_SYNTHETIC, MAX_CAPTION_CHARS, REJECT_REASONS
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "capsfusion_example_10k.json"
 LONG = "x" * (MAX_CAPTION_CHARS + 1)
@@ -680,7 +680,7 @@ def test_dedupe_fits_the_open_file_limit(tmp_path):
     code = (
         "import json, resource, sys\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))\n"
-        "import capsfus.ingest as ing\n"
+        "import capsfus.ingest.shard as ing\n"
         "ing.partitions_for = lambda total_bytes: 4096\n"
         "m = ing.shard([sys.argv[1]], sys.argv[2], id_col='key', rows_per_shard=256)\n"
         "print(json.dumps(m['counts']))\n")
@@ -696,7 +696,7 @@ def test_dedupe_fits_the_open_file_limit(tmp_path):
 def test_parquet_reader_memory_does_not_grow_with_the_file(tmp_path):
     """Arrow memory while streaming a parquet file stays near one row group, not the file
     (pyarrow's default pre_buffer would keep every row group read so far)."""
-    from capsfus.sources import discover
+    from capsfus.ingest.sources import discover
     n, groups = 100_000, 25
     blob = os.urandom(n * 100).hex()               # incompressible: the file is ~20 MB
     text = [blob[i * 200:(i + 1) * 200] for i in range(n)]

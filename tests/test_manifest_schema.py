@@ -8,7 +8,7 @@ import json
 import jsonschema
 from runhelp import REPO, capsfus, write_rows
 
-from capsfus.io import read_json
+from capsfus.rundir.io import read_json
 
 
 def _schema(name: str) -> dict:

@@ -10,7 +10,7 @@ import pytest
 from runhelp import SHARED_SAMPLE, capsfus
 
 from capsfus.executors.slurm import split_arrays
-from capsfus.plan import MEASURED, PAPER, make_plan, measure_sample
+from capsfus.perf.plan import MEASURED, PAPER, make_plan, measure_sample
 
 
 def test_paper_run_takes_about_twelve_days():

@@ -16,7 +16,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest_hub import OTHER_TOKEN, READ_TOKEN, TOKENS, WRITE_TOKEN
 from runhelp import REPO, write_rows
 from test_hub_server import load_back, make_export, make_rows

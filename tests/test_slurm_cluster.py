@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(60)]
 
 

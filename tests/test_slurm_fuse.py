@@ -14,8 +14,8 @@ import pytest
 from runhelp import REPO, assert_exactly_once, capsfus, echo_log_counts, write_rows
 
 from capsfus.executors.slurm import submissions, submitted_job_ids
-from capsfus.manifest import Run
-from capsfus.stage import StageDir
+from capsfus.rundir.manifest import Run
+from capsfus.rundir.stage import StageDir
 
 pytestmark = pytest.mark.slurm
 

@@ -15,10 +15,17 @@ import numpy as np
 import pytest
 from runhelp import capsfus, env, write_rows
 
-from capsfus.ingest import shard
-from capsfus.manifest import Run
-from capsfus.stats import (HyperLogLog, compute_stats, count_unique_sorted_runs, mix64,
-                           table3_markdown, trigram_hashes, words)
+from capsfus.ingest.shard import shard
+from capsfus.quality.stats import (
+    HyperLogLog,
+    compute_stats,
+    count_unique_sorted_runs,
+    mix64,
+    table3_markdown,
+    trigram_hashes,
+    words,
+)
+from capsfus.rundir.manifest import Run
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "capsfusion_example_10k.json"

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-
-from capsfus.manifest import Run
-from capsfus.prompt import PromptTemplate, clean_caption
-from capsfus.stage import StageDir
 from runhelp import capsfus, env, stage_rows, write_rows
 
+from capsfus.prompt import PromptTemplate, clean_caption
+from capsfus.rundir.manifest import Run
+from capsfus.rundir.stage import StageDir
+
 sys.path.insert(0, str(Path(__file__).parent))
-from openai_server import fusion_answer, prompt_sha, start_server  # noqa: E402
+from openai_server import fusion_answer, start_server  # noqa: E402
 
 KEY = "sk-test-teacher-5b1e0c9d7f"
 MODEL = "gpt-3.5-turbo"
@@ -348,7 +348,7 @@ def test_kill_9_at_random_moments_then_rerun(tmp_path, server):
 def test_client_is_not_picklable_and_rpm_is_respected(tmp_path, server):
     import asyncio
 
-    from capsfus.openai_client import ClientSettings, OpenAIClient
+    from capsfus.engines.openai_client import ClientSettings, OpenAIClient
     srv = server()
 
     async def go():
@@ -391,8 +391,9 @@ def test_max_cost_holds_while_answers_wait_for_a_slow_disk(run_dir, server, monk
     """An answer's reservation is released only together with its recorded cost: while its
     journal record is being fsynced (a slow disk), other workers must not see the budget free.
     Answers cut at --max-tokens cost exactly the reserved worst case (input priced 0)."""
-    from capsfus.prices import Price
-    from capsfus.stages.teacher import Journal, Teacher, TeacherOptions
+    from capsfus.engines.prices import Price
+    from capsfus.stages.teacher import Teacher, TeacherOptions
+    from capsfus.stages.teacher_journal import Journal
     write = Journal._write
 
     def slow_write(self, batch):

@@ -22,7 +22,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import EXTRAS, PLACES, SUBJECTS, caption_corpus
 from runhelp import REPO, assert_exactly_once, capsfus, env
 
@@ -525,8 +524,8 @@ def test_reads_the_teacher_stage_of_a_run(tmp_path, tokenizer):
     """Triplets straight from `capsfus teacher` (against the local OpenAI-compatible server)."""
     from openai_server import start_server
 
-    from capsfus.manifest import Run
-    from capsfus.stage import StageDir
+    from capsfus.rundir.manifest import Run
+    from capsfus.rundir.stage import StageDir
     from capsfus.train.config import TrainConfig
     from capsfus.train.data import load_rows, prepare, resolve_source
     run = tmp_path / "run"

@@ -13,10 +13,15 @@ import json
 import time
 
 import pytest
-
 from runhelp import capsfus
-from test_train import (_stepped_past_a_checkpoint, assert_redone_steps_identical, fusion_rows,
-                        read_log, write_config, write_jsonl)
+from test_train import (
+    _stepped_past_a_checkpoint,
+    assert_redone_steps_identical,
+    fusion_rows,
+    read_log,
+    write_config,
+    write_jsonl,
+)
 
 
 def _wait_for(pred, timeout: float, what: str, cluster=None, job=None):

@@ -1,7 +1,7 @@
 """BLIP captioning through transformers, and the CLIP reranker of candidate mode.
 
 Images arrive already decoded and resized to the model's input size as uint8 arrays
-(``capsfus.images``, in worker threads); here they are stacked, normalised on the device and
+(``ingest.images``, in worker threads); here they are stacked, normalised on the device and
 captioned in batches. transformers' image processors are not used: transformers 5 prefers
 torchvision-based "fast" processors, and torchvision is not part of the CPU install. The
 preprocessing is BLIP's own (bicubic resize to ``image_size`` square, rescale, normalise with
@@ -108,7 +108,6 @@ class ClipScorer:
 
     def scores(self, images: np.ndarray, texts: list[list[str]]) -> list[list[float]]:
         """images (N, H, W, 3) uint8; texts[i]: candidates of image i -> their similarities."""
-        from ..images import normalize
         torch = self._torch
         with torch.inference_mode():
             px = normalize(images, self.mean, self.std).to(self.device, self.dtype)
@@ -176,7 +175,6 @@ class BlipCaptioner:
             len(ids), self.batch_size)
 
     def _batch(self, images: np.ndarray, ids: list[str], clip_images) -> list[Caption]:
-        from ..images import normalize
         torch = self._torch
         n = len(ids)
         k = self.candidates
@@ -212,3 +210,12 @@ class BlipCaptioner:
     def close(self) -> None:
         self.model = None
         self.clip = None
+
+
+def normalize(batch: np.ndarray, mean, std):
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 torch tensor, (x/255 - mean) / std."""
+    import torch
+    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x - m) / s

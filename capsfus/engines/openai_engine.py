@@ -1,6 +1,6 @@
 """The ``openai`` engine: fusion through any OpenAI-compatible endpoint, e.g. a ``vllm serve``
 of CapsFus-LLaMA on the cluster, through the same client as the teacher stage
-(``capsfus.openai_client``: bounded concurrency, retries with backoff and Retry-After).
+(``engines.openai_client``: bounded concurrency, retries with backoff and Retry-After).
 
 Each chunk's prompts are sent concurrently (``--batch-size`` in flight, default 16). Token
 counts are estimated at 4 bytes per token (the endpoint's tokenizer is not known here), as
@@ -35,8 +35,8 @@ class OpenAIEngine(Engine):
 
     def __init__(self, spec: EngineSpec):
         super().__init__(spec)
-        from ..openai_client import ClientSettings, api_key_from_env
-        from ..stages.teacher import approx_tokens, approx_truncate
+        from ..prompt import approx_tokens, approx_truncate
+        from .openai_client import ClientSettings, api_key_from_env
         if not spec.endpoint:
             raise UserError("--engine openai needs --endpoint URL (e.g. http://host:8000/v1 "
                             "of a `vllm serve`)")
@@ -80,7 +80,7 @@ class OpenAIEngine(Engine):
         return self._cut(text, n_tokens) if n_tokens > 0 else ""
 
     def generate(self, prompts: list[str]) -> list[Generation]:
-        from ..openai_client import EndpointFatal, OpenAIClient, redact
+        from .openai_client import EndpointFatal, OpenAIClient, redact
         new = self.spec.decoding.max_new_tokens
 
         async def run():

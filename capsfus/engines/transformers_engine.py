@@ -23,9 +23,15 @@ from __future__ import annotations
 import zlib
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
-                          LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
-                          TopPLogitsWarper)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from ..errors import UserError
 from ..models import resolve_model

@@ -28,6 +28,7 @@ import numpy as np
 
 from .blip import Caption, _preprocessing, in_batches, pick_device_dtype
 
+
 def _chat_template(folder: str, tokenizer) -> str | None:
     """The tokenizer's chat template, else the processor's (chat_template.jinja / .json)."""
     if getattr(tokenizer, "chat_template", None):
@@ -125,7 +126,7 @@ class VlmCaptioner:
         return in_batches(lambda i, j: self._batch(images[i:j]), len(ids), self.batch_size)
 
     def _batch(self, images: np.ndarray) -> list[Caption]:
-        from ..images import normalize
+        from .blip import normalize
         torch = self._torch
         tok = self.tokenizer([self.prompt] * len(images), return_tensors="pt", padding=True,
                              add_special_tokens=self._add_bos).to(self.device)

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..io import atomic_write_json
-from ..lease import DEFAULT_HEARTBEAT, DEFAULT_TTL, LeaseDir
-from ..manifest import Run
-from ..runner import StageContext, run_shard
-from ..stage import StageDir
-from ..stages import StageJob
+from ..rundir.io import atomic_write_json
+from ..rundir.job import StageJob
+from ..rundir.lease import DEFAULT_HEARTBEAT, DEFAULT_TTL, LeaseDir
+from ..rundir.manifest import Run
+from ..rundir.runner import StageContext, run_shard
+from ..rundir.stage import StageDir
 
 log = logging.getLogger("capsfus.worker")
 

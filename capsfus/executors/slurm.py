@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ..errors import UserError
-from ..io import atomic_write_json, read_json
-from ..lease import DEFAULT_HEARTBEAT, DEFAULT_TTL
+from ..rundir.io import atomic_write_json, read_json
+from ..rundir.lease import DEFAULT_HEARTBEAT, DEFAULT_TTL
 from .local import Prepared, worker_main
 
 TIME_RE = re.compile(r"^(?:(\d+)-)?(\d{1,3}):(\d{2}):(\d{2})$")
@@ -120,7 +120,7 @@ class SlurmWorker:
     def __call__(self, index: int = 0) -> dict:
         import signal
 
-        from ..slurm import JobLiveness
+        from .slurm_queue import JobLiveness
         # submitit ignores SIGTERM (it waits for SIGUSR2); SLURM sends SIGTERM on scancel and
         # on preemption: stop at once, giving the shard back (committed chunks stay).
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
@@ -134,14 +134,15 @@ class SlurmWorker:
         """SIGUSR2 / time limit: give the shard back now (the chunk in flight is abandoned,
         committed chunks stay) and requeue the same worker."""
         import submitit
-        from ..lease import release_all_held
+
+        from ..rundir.lease import release_all_held
         release_all_held()
         return submitit.helpers.DelayedSubmission(SlurmWorker(self.prep, self.lease_ttl,
                                                               self.heartbeat), *args, **kwargs)
 
 
 def _stop_on_sigterm(signum, frame):
-    from ..lease import release_all_held
+    from ..rundir.lease import release_all_held
     release_all_held()
     raise SystemExit(128 + signum)
 
@@ -156,7 +157,7 @@ def submit(prep: Prepared, es: ExecutorSettings, run_id: str, *, dry_run: bool =
     import submitit
     from submitit.slurm.slurm import _make_sbatch_string
 
-    from ..slurm import max_array_size as cluster_max_array
+    from .slurm_queue import max_array_size as cluster_max_array
     stage_root = Path(prep.job.run_dir) / prep.job.stage
     workers = min(es.max_workers(), len(prep.shards))
     if max_array_size is None:
@@ -225,3 +226,19 @@ def submitted_job_ids(stage_root: Path) -> list[str]:
         for arr in rec.get("arrays", []):
             ids += arr.get("elements") or ([arr["job_id"]] if arr.get("job_id") else [])
     return ids
+
+
+def slurm_jobs(stage_root: Path) -> dict | None:
+    """{job id: state} from squeue for the stage's recorded submissions; None when the stage
+    was never submitted to SLURM, {"error": …} when squeue cannot be asked."""
+    from .slurm_queue import squeue
+    ids = submitted_job_ids(stage_root)
+    if not ids:
+        return None
+    try:
+        live = squeue(ids)
+    except UserError as e:
+        return {"error": str(e)}
+    wanted = set(ids) | {i.split("_")[0] for i in ids}
+    return {"jobs": {j: st for j, st in live.items() if j in wanted or j.split("_")[0] in wanted},
+            "submitted": len(ids)}

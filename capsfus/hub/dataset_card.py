@@ -256,7 +256,7 @@ def _stats_table(summary: dict) -> str:
     st = summary.get("stats")
     if not st:
         return "Not computed."
-    from ..stats import table3_rows
+    from ..quality.stats import table3_rows
     lines = table3_rows(st["fields"])
     return ("\n".join(lines) + "\n\nWords are `str.split()` tokens (case and punctuation kept); a "
             "trigram is 3 consecutive words of one caption; unique trigrams are exact (64-bit "
@@ -281,7 +281,7 @@ def render_dataset_card(run, summary: dict, opts, folder: Path) -> str:
     pretty = opts.pretty_name or (opts.repo_id.split("/")[-1] if opts.repo_id else
                                   "Fused image captions")
     if summary.get("stats"):
-        from ..stats import plot_lengths
+        from ..quality.stats import plot_lengths
         (folder / "stats").mkdir(exist_ok=True)
         try:
             plot_lengths({**summary["stats"], "stage": "export"}, folder / "stats" /

@@ -22,9 +22,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..images import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, IMAGE, IMAGE_REJECT_REASONS,
-                      ImageReader, load_image, map_threaded, resize_uint8)
-from ..rows import ID, SYNTHETIC
+from ..ingest.images import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIDE,
+    IMAGE,
+    IMAGE_REJECT_REASONS,
+    ImageReader,
+    load_image,
+    map_threaded,
+    resize_uint8,
+)
+from ..rundir.rows import ID, SYNTHETIC
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
 
@@ -150,7 +158,7 @@ class CaptionJob:
         return job, caption_input(run, exclude=self.stage), job.settings()
 
     def open(self):
-        from . import Opened
+        from ..rundir.job import Opened
         captioner = self.load_captioner()
         proc = CaptionProcessor(self, captioner)
 
@@ -216,7 +224,7 @@ class CaptionProcessor:
         self.captioner = captioner
         from pathlib import Path
 
-        from ..manifest import Run
+        from ..rundir.manifest import Run
         sources = Run(Path(job.run_dir)).manifest()["sources"]
         self.reader = ImageReader(sizes={s["path"]: s["size"] for s in sources
                                          if s["kind"] in ("tar", "parquet")})
@@ -310,7 +318,7 @@ def caption_input(run, exclude: str | None = None) -> str:
     one (``exclude``: itself) reads the current last one, so caption stages always form one
     chain and ``fuse``, ``teacher`` and ``export`` see every caption column.
     """
-    from ..io import read_json
+    from ..rundir.io import read_json
     if exclude:
         cfg = run.root / exclude / "config.json"
         if cfg.exists():

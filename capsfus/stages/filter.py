@@ -1,4 +1,4 @@
-"""The filter stage: every fused row is kept or dropped by the rules of ``capsfus.filters``.
+"""The filter stage: every fused row is kept or dropped by the rules of ``quality.filters``.
 
 Rows come from the ``fuse`` stage by default (``--from-stage fuse@TAG`` for another fusion), or
 from ``input`` when the run has no fuse stage (an outside file whose fused captions sit in a
@@ -21,8 +21,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..filters import FILTERS_VERSION, Filters, config_hash, describe_rules, resolve_config
-from ..rows import FUSED
+from ..quality.filters import FILTERS_VERSION, Filters, config_hash, describe_rules, resolve_config
+from ..rundir.rows import FUSED
 
 EXAMPLES_PER_RULE = 5
 REPORT_VERSION = 1
@@ -80,7 +80,7 @@ class FilterJob:
 
     def input_stage(self, run) -> str:
         from ..errors import UserError
-        from ..manifest import stage_name
+        from ..rundir.manifest import stage_name
         if self.from_stage:
             name = self.from_stage
             base, _, tag = name.partition("@")
@@ -95,7 +95,7 @@ class FilterJob:
         return self, self.input_stage(run), self.settings()
 
     def open(self):
-        from . import Opened
+        from ..rundir.job import Opened
         filters = Filters(self.config, fused_col=self.fused_col)
         return Opened(FilterProcessor(filters),
                       describe={"filter": {"rules_sha256": config_hash(filters.config),
@@ -117,7 +117,7 @@ def _example(row: dict, fused_col: str, code: str) -> dict:
 def shard_summary(stage_dir, shard: int, fused_col: str) -> dict | None:
     """Counts and examples of one finished shard, cached next to the report and keyed by the
     checksums of its final files (None when the shard is not done)."""
-    from ..io import atomic_write_json, read_json
+    from ..rundir.io import atomic_write_json, read_json
     st = stage_dir.read_state(shard)
     if not st or st.get("status") != "done" or not st.get("final"):
         return None
@@ -165,8 +165,8 @@ def shard_summary(stage_dir, shard: int, fused_col: str) -> dict | None:
 
 def write_report(run, stage: str = "filter") -> dict:
     """Aggregates the finished shards of ``stage`` into ``RUN/<stage>/report.json``."""
-    from ..io import atomic_write_json
-    from ..stage import StageDir
+    from ..rundir.io import atomic_write_json
+    from ..rundir.stage import StageDir
     sd = StageDir(run, stage)
     config = sd.config() or {}
     settings = config.get("settings") or {}

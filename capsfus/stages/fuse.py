@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from ..engines import Engine, EngineSpec, GenerationError
 from ..prompt import BuiltPrompt, PromptBuilder, PromptTemplate
-from ..rows import FUSED, RAW, SYNTHETIC
+from ..rundir.rows import FUSED, RAW, SYNTHETIC
 
 log = logging.getLogger("capsfus.fuse")
 
@@ -152,7 +152,7 @@ class FuseJob:
 
     def open(self):
         from ..engines import load_engine
-        from . import Opened
+        from ..rundir.job import Opened
         engine = load_engine(self.spec)
         return Opened(FuseProcessor(engine, self.template, self.max_attempts),
                       describe=engine.describe(), runtime=engine.runtime(), close=engine.close)

@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
-import heapq
 import json
 import logging
 import os
@@ -50,18 +49,25 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..engines.openai_client import (
+    TRANSIENT_REASONS,
+    ClientSettings,
+    EndpointFatal,
+    OpenAIClient,
+    sanitize_url,
+)
+from ..engines.prices import Price
 from ..errors import UserError
-from ..faults import crashpoint
-from ..io import JsonlZstWriter, _fsync_dir, atomic_write_json, read_json
-from ..lease import LeaseDir
-from ..manifest import Run
-from ..openai_client import (TRANSIENT_REASONS, ClientSettings, EndpointFatal, OpenAIClient,
-                             sanitize_url)
-from ..prices import Price
-from ..prompt import PromptBuilder, PromptTemplate
-from ..rows import FUSED, RAW, SYNTHETIC
-from ..stage import StageDir, input_rows
+from ..prompt import PromptBuilder, PromptTemplate, approx_tokens, approx_truncate
+from ..rundir.faults import crashpoint
+from ..rundir.io import JsonlZstWriter, atomic_write_json
+from ..rundir.lease import LeaseDir
+from ..rundir.manifest import Run
+from ..rundir.rows import FUSED, RAW, SYNTHETIC
+from ..rundir.stage import StageDir, input_rows
 from .fuse import FUSE_REJECT_REASONS
+from .teacher_journal import Journal, Ledger
+from .teacher_sample import select_sample
 
 log = logging.getLogger("capsfus.teacher")
 
@@ -122,14 +128,8 @@ def input_stage_of(run: Run) -> str:
     return caption_input(run)
 
 
-# --- approximate tokens for the prompt budget (the endpoint's tokenizer is not known here) --
-def approx_tokens(text: str) -> int:
-    return max(1, -(-len(text.encode("utf-8")) // 4))
 
 
-def approx_truncate(text: str, n: int) -> str:
-    cut = text.encode("utf-8")[:n * 4].decode("utf-8", "ignore")
-    return cut.rsplit(" ", 1)[0] if " " in cut.strip() and len(cut) < len(text) else cut
 
 
 def make_builder(opts: TeacherOptions) -> PromptBuilder:
@@ -152,188 +152,16 @@ def request_hash(body: dict) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
 
 
-# --- sample ------------------------------------------------------------------------------------
-def sample_key(seed: int, row_id) -> int:
-    d = hashlib.blake2b(f"{seed}\x00{row_id}".encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(d, "big")
 
 
-def input_fingerprint(run: Run, manifest: dict, input_stage: str) -> list:
-    if input_stage == "input":
-        return [s["sha256"] for s in manifest["shards"]]
-    st = StageDir(run, input_stage)
-    return [((st.read_state(i) or {}).get("final") or {}).get("out", {}).get("sha256")
-            for i in range(len(manifest["shards"]))]
 
 
-def input_count(run: Run, manifest: dict, input_stage: str, shard: int) -> int:
-    if input_stage == "input":
-        return manifest["shards"][shard]["rows"]
-    st = StageDir(run, input_stage).read_state(shard)
-    if not st or st.get("status") != "done":
-        raise UserError(f"shard {shard} of stage {input_stage} is not done yet: finish "
-                        f"`capsfus {input_stage}` first")
-    return st["rows_out"]
 
 
-def select_sample(run: Run, manifest: dict, input_stage: str, n: int | None, seed: int,
-                  cache: Path) -> dict[int, list[int]]:
-    """{shard: sorted row indices} of the sample (every row when ``n`` is None)."""
-    shards = range(len(manifest["shards"]))
-    if n is None:
-        return {i: list(range(input_count(run, manifest, input_stage, i))) for i in shards}
-    fp = input_fingerprint(run, manifest, input_stage)
-    key = {"seed": seed, "n": n, "input_stage": input_stage, "input": fp}
-    if cache.exists():
-        try:
-            c = read_json(cache)
-            if c.get("key") == key:
-                return {int(k): v for k, v in c["shards"].items()}
-        except (OSError, ValueError, KeyError):
-            pass
-    heap: list[tuple[int, int, int]] = []   # negated: the largest kept key on top
-    for shard in shards:
-        for idx, row in enumerate(input_rows(run, manifest, input_stage, shard)):
-            k = (sample_key(seed, row["id"]), shard, idx)
-            if len(heap) < n:
-                heapq.heappush(heap, (-k[0], -shard, -idx))
-            elif k < (-heap[0][0], -heap[0][1], -heap[0][2]):
-                heapq.heapreplace(heap, (-k[0], -shard, -idx))
-    out: dict[int, list[int]] = {i: [] for i in shards}
-    for _, s, i in heap:
-        out[-s].append(-i)
-    for v in out.values():
-        v.sort()
-    atomic_write_json(cache, {"key": key, "rows": sum(map(len, out.values())),
-                              "shards": {str(k): v for k, v in out.items()}})
-    return out
 
 
-# --- journal -------------------------------------------------------------------------------------
-class Journal:
-    """Per-shard append-only JSON lines, group-committed: records that arrive while one fsync
-    runs are written together and fsynced once. ``await append(...)`` returns once the record
-    is on disk."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self._files: dict[int, object] = {}
-        self._pending: list[tuple[int, bytes, asyncio.Future]] = []
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-
-    def path(self, shard: int) -> Path:
-        return self.folder / f"{shard:05d}.jsonl"
-
-    def read(self, shard: int) -> list[dict]:
-        """The shard's records; a torn last line (a crash mid-write) is cut off first."""
-        p = self.path(shard)
-        if not p.exists():
-            return []
-        data = p.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            with open(p, "r+b") as f:
-                f.truncate(keep)
-                os.fsync(f.fileno())
-            log.warning("journal %s: cut a torn last record (a crash mid-write)", p.name)
-            data = data[:keep]
-        out = []
-        for line in data.splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                log.warning("journal %s: skipped an unreadable record", p.name)
-        return out
-
-    def shards_with_journal(self) -> list[int]:
-        return sorted(int(p.name[:5]) for p in self.folder.glob("*.jsonl") if p.name[:5].isdigit())
-
-    def start(self) -> None:
-        self._wake = asyncio.Event()
-        self._task = asyncio.create_task(self._writer())
-
-    async def append(self, shard: int, rec: dict) -> None:
-        fut = asyncio.get_running_loop().create_future()
-        line = (json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
-        self._pending.append((shard, line, fut))
-        self._wake.set()
-        await fut
-
-    async def _writer(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            batch, self._pending = self._pending, []
-            if not batch:
-                continue
-            try:
-                await asyncio.to_thread(self._write, batch)
-            except BaseException as e:
-                for _, _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(e)
-                if isinstance(e, asyncio.CancelledError):
-                    raise
-                continue
-            for _, _, fut in batch:
-                if not fut.done():
-                    fut.set_result(None)
-
-    def _write(self, batch) -> None:
-        touched = {}
-        for shard, line, _ in batch:
-            f = self._files.get(shard)
-            if f is None:
-                new = not self.path(shard).exists()
-                f = self._files[shard] = open(self.path(shard), "ab")
-                if new:
-                    _fsync_dir(self.folder)
-            f.write(line)
-            touched[shard] = f
-        for f in touched.values():
-            f.flush()
-            os.fsync(f.fileno())
-
-    async def close(self) -> None:
-        if self._task:
-            while self._pending:
-                await asyncio.sleep(0.01)
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
 
 
-@dataclass
-class Ledger:
-    """Tokens and cost, from the journal plus this run."""
-
-    requests: int = 0            # requests sent (first attempts)
-    answered: int = 0
-    rejected: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_known: float = 0.0
-    cost_uncertain: float = 0.0  # worst case of attempts/requests possibly billed, no answer
-    orphans: int = 0             # sent, no record of the outcome (in flight at a crash)
-    reused: int = 0              # answers taken from the journal instead of re-sending
-
-    def add_final(self, rec: dict) -> None:
-        u = rec.get("usage") or {}
-        self.prompt_tokens += int(u.get("prompt_tokens") or 0)
-        self.completion_tokens += int(u.get("completion_tokens") or 0)
-        self.cost_known += rec.get("cost") or 0.0
-        self.cost_uncertain += (rec.get("uncertain") or 0) * (rec.get("reserve") or 0.0)
-
-    @property
-    def cost_upper(self) -> float:
-        return self.cost_known + self.cost_uncertain
 
 
 # --- the run -------------------------------------------------------------------------------------

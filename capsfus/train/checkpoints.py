@@ -20,7 +20,7 @@ import re
 import shutil
 from pathlib import Path
 
-from ..io import _fsync_dir, atomic_write_json, read_json
+from ..rundir.io import _fsync_dir, atomic_write_json, read_json
 
 MARKER = "COMPLETE.json"
 NAME = re.compile(r"^checkpoint-(\d+)$")

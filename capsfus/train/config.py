@@ -172,12 +172,12 @@ class TrainJob:
     world_size: int = 1
 
     def save(self) -> None:
-        from ..io import atomic_write_json
+        from ..rundir.io import atomic_write_json
         atomic_write_json(Path(self.output) / "job.json", asdict(self))
 
     @classmethod
     def load(cls, output: str | Path) -> "TrainJob":
-        from ..io import read_json
+        from ..rundir.io import read_json
         return cls(**read_json(Path(output) / "job.json"))
 
     def cfg(self) -> TrainConfig:

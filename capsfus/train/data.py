@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import UserError
-from ..io import atomic_write_json, dumps, read_json
-from ..manifest import Run
 from ..prompt import PromptBuilder, PromptTemplate, clean_caption
+from ..rundir.io import atomic_write_json, dumps, read_json
+from ..rundir.manifest import Run
 
 DEFAULT_MAX_PROMPT_TOKENS = 256   # as the transformers engine
 FUSE_MAX_NEW_TOKENS = 80          # `capsfus fuse` default; the prompt budget leaves room for it
@@ -53,7 +53,7 @@ def resolve_source(data: str, output: Path, stage: str | None, fused_col: str | 
                    raw_col: str | None, synthetic_col: str | None, shard_fn=None) -> Source:
     """``shard_fn(inputs, out, raw_col, synthetic_col)`` shards outside files (the CLI passes
     its progress-showing ingest); default: ``ingest.shard``."""
-    from ..cli_quality import KNOWN_FUSED_COLUMNS
+    from ..rundir.rows import KNOWN_FUSED_COLUMNS
     path = Path(data)
     if (path / "manifest.json").is_file():
         if raw_col or synthetic_col:
@@ -63,7 +63,7 @@ def resolve_source(data: str, output: Path, stage: str | None, fused_col: str | 
     elif path.exists() or any(c in data for c in "*?["):
         out = output / "data-run"
         if shard_fn is None:
-            from ..ingest import shard as ingest
+            from ..ingest.shard import shard as ingest
             ingest([data], out, raw_col=raw_col, synthetic_col=synthetic_col)
         else:
             shard_fn([data], out, raw_col, synthetic_col)
@@ -94,7 +94,7 @@ def resolve_source(data: str, output: Path, stage: str | None, fused_col: str | 
 
 def iter_stage_rows(run: Run, stage: str) -> Iterator[dict]:
     """Every trusted row of a stage (checksums verified), shard by shard."""
-    from ..stage import StageDir, input_rows
+    from ..rundir.stage import StageDir, input_rows
     m = run.manifest()
     for i in range(len(m["shards"])):
         if stage == "input":
@@ -280,7 +280,7 @@ class _AtomicText:
 def _stage_fingerprint(source: Source) -> list:
     if source.stage == "input":
         return []
-    from ..stage import StageDir
+    from ..rundir.stage import StageDir
     sd = StageDir(source.run, source.stage)
     return [[f.name, sha] for i in range(len(source.run.manifest()["shards"]))
             for f, sha in sd.trusted_files(i)]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..io import _fsync_dir, atomic_write_bytes, atomic_write_json, read_json
+from ..rundir.io import _fsync_dir, atomic_write_bytes, atomic_write_json, read_json
 from .config import TrainJob
 
 INFO = "capsfus_training.json"
@@ -34,7 +34,7 @@ def export(trainer, tokenizer, job: TrainJob, metrics: dict) -> Path:
 
     from transformers import GenerationConfig
 
-    from .trainer import barrier, rank
+    from .ranks import barrier, rank
     out = Path(job.output)
     final = out / "model"
     tmp = out / ".model.tmp"

@@ -24,6 +24,7 @@ from pathlib import Path
 from . import checkpoints as ck
 from .config import TrainJob
 from .data import TokenDataset, collate, load_rows
+from .ranks import barrier, rank, world
 
 log = logging.getLogger("capsfus.train")
 
@@ -42,18 +43,10 @@ def _setup_env() -> bool:
     return gpu
 
 
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
-def world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def barrier() -> None:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def training_arguments(job: TrainJob, gpu: bool, output_dir: str):

@@ -1,0 +1,366 @@
+"""What the command modules share: the console, progress, option groups, presets, and how a
+prepared job is submitted and reported. Imports nothing else of the CLI."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from ..errors import UserError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def make_console(stderr: bool = True):
+    from rich.console import Console
+    return Console(stderr=stderr)
+
+
+def ingest_with_progress(console, label: str, inputs: list[str], out, rows_per_shard: int,
+                         raw_col, synthetic_col, url_col, id_col, split=None) -> dict:
+    """``ingest.shard`` with a live line of rows read / accepted / rejected (terminals only)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from ..ingest.shard import shard as do_shard
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=True,
+                  disable=not console.is_terminal) as progress:
+        task = progress.add_task(label, total=None)
+
+        def on_progress(s: dict) -> None:
+            progress.update(task, description=(
+                f"{label} source {s['sources_done']}/{s['sources']} {s['source']}: "
+                f"{s['records']:,} rows read, {s['accepted']:,} accepted, "
+                f"{s['rejected']:,} rejected"))
+
+        return do_shard(inputs, out, rows_per_shard, raw_col, synthetic_col, url_col, id_col,
+                        split, progress=on_progress)
+
+
+# ---------------------------------------------------------------------------------------------
+def engine_options(f):
+    opts = [
+        click.option("--engine", type=click.Choice(["transformers", "vllm", "openai", "echo"]),
+                     default="transformers", show_default=True,
+                     help="transformers: CPU or GPU, anywhere; vllm: GPU, fastest (untested "
+                          "here); openai: any OpenAI-compatible --endpoint (e.g. a `vllm "
+                          "serve`); echo: deterministic test engine."),
+        click.option("--endpoint", help="openai engine: base URL, e.g. http://host:8000/v1."),
+        click.option("--api-key-env", default=None,
+                     help="openai engine: environment variable holding the API key "
+                          "(default OPENAI_API_KEY; the key itself is never recorded)."),
+        click.option("--model", "-m", help="Hub id or local folder of a causal LM."),
+        click.option("--revision", help="Hub revision (branch, tag or commit); resolved to a "
+                                        "commit and recorded."),
+        click.option("--gguf-file", help="Load this GGUF file from the model folder."),
+        click.option("--batch-size", type=int, help="Prompts per generate call (engine "
+                                                    "default when unset)."),
+        click.option("--max-new-tokens", default=80, show_default=True),
+        click.option("--num-beams", default=1, show_default=True,
+                     help="Beam search width (the released CapsFus-LLaMA inference used 3)."),
+        click.option("--do-sample", is_flag=True, help="Sample instead of greedy decoding."),
+        click.option("--temperature", default=1.0, show_default=True),
+        click.option("--top-p", default=1.0, show_default=True),
+        click.option("--top-k", default=0, show_default=True),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--max-prompt-tokens", type=int,
+                     help="Prompt budget; only the raw caption is cut to fit (default: 256, "
+                          "or less if the model's context is smaller)."),
+        click.option("--chat-template", type=click.Choice(["auto", "on", "off"]),
+                     default="auto", show_default=True,
+                     help="Render prompts through the model's chat template (auto: when the "
+                          "tokenizer has one)."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+                     default="auto", show_default=True,
+                     help="auto: bfloat16 on GPU, float32 on CPU."),
+        click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False),
+                     help="Replace the paper's prompt; must contain {raw} and {synthetic}."),
+        click.option("--tensor-parallel-size", default=1, show_default=True,
+                     help="GPUs per model (vllm)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def load_preset(ctx, param, value):
+    """``--preset FILE``: YAML of option names -> values, used as defaults; flags given on the
+    command line still win. Eager, so it is read before the other options."""
+    if not value:
+        return value
+    import yaml
+    try:
+        data = yaml.safe_load(open(value, encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise click.BadParameter(f"cannot read preset {value}: {e}") from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{value}: a preset is a mapping of option names to values")
+    known = {p.name for p in ctx.command.params}
+    options = {k.replace("-", "_"): v for k, v in data.items() if k != "description"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise click.BadParameter(f"{value}: unknown option(s) {', '.join(unknown)} for "
+                                 f"`capsfus {ctx.command.name}`")
+    ctx.default_map = {**(ctx.default_map or {}), **options}
+    return value
+
+
+preset_option = click.option(
+    "--preset", type=click.Path(exists=True, dir_okay=False), is_eager=True,
+    expose_value=False, callback=load_preset,
+    help="YAML file of option defaults, e.g. jobs/fuse-capsfus-llama-13b.yaml.")
+
+
+def spec_from(kw: dict):
+    from ..engines import Decoding, EngineSpec
+    if kw["engine"] == "echo" and kw.get("model") not in (None, "echo"):
+        raise UserError("--engine echo takes no --model")
+    if kw.get("endpoint") and kw["engine"] != "openai":
+        raise UserError("--endpoint goes with --engine openai")
+    if kw["engine"] != "echo" and not kw.get("model"):
+        raise UserError(f"--engine {kw['engine']} needs --model (a Hub id or a local folder)")
+    dec = Decoding(max_new_tokens=kw["max_new_tokens"], num_beams=kw["num_beams"],
+                   do_sample=kw["do_sample"], temperature=kw["temperature"], top_p=kw["top_p"],
+                   top_k=kw["top_k"], seed=kw["seed"])
+    if dec.max_new_tokens < 1 or dec.num_beams < 1:
+        raise UserError("--max-new-tokens and --num-beams must be at least 1")
+    return EngineSpec(engine=kw["engine"], model=kw.get("model"), revision=kw.get("revision"),
+                      decoding=dec, batch_size=kw.get("batch_size"),
+                      max_prompt_tokens=kw.get("max_prompt_tokens"),
+                      chat_template=kw["chat_template"], dtype=kw["dtype"],
+                      gguf_file=kw.get("gguf_file"),
+                      tensor_parallel_size=kw["tensor_parallel_size"],
+                      endpoint=kw.get("endpoint"), api_key_env=kw.get("api_key_env"))
+
+
+class StageProgress:
+    """A progress bar fed by polling the stage's state files, so it works the same for
+    workers in this process and in child processes."""
+
+    def __init__(self, run_dir: str, stage: str, console):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        self.run_dir, self.stage = run_dir, stage
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("rows"),
+                                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), console=console, transient=False)
+        self._stop = threading.Event()
+
+    def _poll(self, task) -> None:
+        from ..rundir.manifest import Run
+        from ..rundir.status import stage_status
+        while True:
+            try:
+                s = stage_status(Run(Path(self.run_dir)), self.stage)
+                if s.get("exists"):
+                    rate = s.get("throughput_rows_per_s")
+                    self.progress.update(
+                        task, total=s["rows"]["total"], completed=s["rows"]["done"],
+                        rate=f"{rate:.2f} rows/s" if rate else "",
+                        description=f"{self.stage}: {s['counts']['done']}/{s['shards']} shards")
+            except Exception:
+                pass
+            if self._stop.is_set():
+                return
+            self._stop.wait(1.0)
+
+    def __enter__(self):
+        self.progress.start()
+        task = self.progress.add_task(f"{self.stage}", total=None, rate="")
+        self._thread = threading.Thread(target=self._poll, args=(task,), daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()  # the poller makes one last update before it returns
+        self._thread.join(timeout=5)
+        self.progress.stop()
+
+
+def setup_console_logging(console) -> None:
+    from rich.logging import RichHandler
+    root = logging.getLogger("capsfus")
+    if not any(isinstance(h, RichHandler) for h in root.handlers):
+        h = RichHandler(console=console, show_path=False, level=logging.WARNING)
+        root.addHandler(h)
+
+
+def fuse_stage_options(f):
+    opts = [
+        click.option("--shards", help="Shards to run, e.g. 0-9,12 (default: all)."),
+        click.option("--chunk-size", default=1000, show_default=True,
+                     help="Rows per committed chunk: at most this much work is redone after "
+                          "a kill."),
+        click.option("--tag", help="Name a separate fusion of the same rows (stage fuse@TAG)."),
+        click.option("--force", is_flag=True,
+                     help="Redo the stage with changed output-shaping settings."),
+        click.option("--max-attempts", default=3, show_default=True,
+                     help="Attempts on a row that fails alone before it is rejected."),
+        click.option("--lease-ttl", default=300.0, show_default=True,
+                     help="Seconds without heartbeat after which a shard's lease is taken "
+                          "over."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def fuse_job(run_dir, tag, chunk_size, max_attempts, kw):
+    """(run, manifest, FuseJob) from the fuse options."""
+    from ..prompt import PromptTemplate
+    from ..rundir.manifest import Run, stage_name
+    from ..stages.fuse import FuseJob
+    if chunk_size < 1:
+        raise UserError("--chunk-size must be at least 1")
+    run = Run(Path(run_dir).resolve())  # workers and logs get absolute paths
+    manifest = run.manifest()
+    template = PromptTemplate.from_file(kw["prompt_file"]) if kw.get("prompt_file") \
+        else PromptTemplate()
+    job = FuseJob(run_dir=str(run.root), stage=stage_name("fuse", tag), spec=spec_from(kw),
+                  template=template, chunk_size=chunk_size, max_attempts=max_attempts)
+    return run, manifest, job
+
+
+def print_stage_summary(console, run, name: str, summaries: list[dict]) -> None:
+    from ..rundir.status import stage_status
+    s = stage_status(run, name)
+    c, r = s["counts"], s["rows"]
+    console.print(f"{name}: {c['done']}/{s['shards']} shards done, {r['out']:,} rows out, "
+                  f"{r['rejected']:,} rejected"
+                  + "".join(f", {k} {v:,}" for k, v in sorted(s["reasons"].items())))
+    for w in summaries:
+        if w.get("generation_share") is not None:
+            console.print(f"  worker {w['worker']}: model load {w['load_s']:.1f}s, then "
+                          f"{w['generation_share']:.1%} of {w['busy_wall_s']:.1f}s inside "
+                          f"generation")
+    if c["failed"]:
+        for f in s["failed"][:5]:
+            console.print(f"  [red]shard {f['shard']} failed[/]: {f['error']}")
+        console.print("Run the same command again to retry the failed shards; "
+                      f"`capsfus status {run.root}` shows details.")
+        sys.exit(1)
+    if c["done"] < s["shards"] and not c["running"]:
+        console.print(f"{s['shards'] - c['done']} shard(s) not done (not selected, or held by "
+                      f"another worker): run the command again without --shards to finish.")
+
+
+# ---------------------------------------------------------------------------------------------
+def executor_options(defaults: bool):
+    """SLURM executor flags. With ``defaults=False`` (resume) every flag defaults to None,
+    meaning "as in the recorded submission"."""
+    def d(value):
+        return value if defaults else None
+
+    def deco(f):
+        opts = [
+            click.option("--nodes", type=int, default=d(1), show_default=defaults,
+                         help="Nodes to spread workers over."),
+            click.option("--gpus-per-node", type=int, default=d(0), show_default=defaults,
+                         help="GPUs per node (0: a CPU cluster)."),
+            click.option("--gpus-per-task", type=int, default=d(1), show_default=defaults,
+                         help="GPUs per worker (vLLM tensor parallelism when > 1)."),
+            click.option("--workers-per-node", type=int, default=d(1), show_default=defaults,
+                         help="Workers per node on CPU clusters."),
+            click.option("--partition", "-p", help="SLURM partition."),
+            click.option("--account", "-A", help="SLURM account."),
+            click.option("--qos", help="SLURM quality of service."),
+            click.option("--time", "time_limit", default=d("24:00:00"), show_default=defaults,
+                         help="Time limit per worker job, HH:MM:SS or D-HH:MM:SS; workers "
+                              "are requeued at the limit and continue."),
+            click.option("--mem", help="Memory per worker, e.g. 64G."),
+            click.option("--cpus-per-gpu", type=int, default=d(8), show_default=defaults,
+                         help="CPUs per GPU of a worker."),
+            click.option("--cpus-per-task", type=int,
+                         help="CPUs per worker on CPU clusters (default 1)."),
+            click.option("--slurm-arg", "slurm_args", multiple=True, metavar="KEY=VALUE",
+                         help="Any other sbatch option, e.g. --slurm-arg constraint=a100."),
+            click.option("--dry-run", is_flag=True,
+                         help="Print the plan and the sbatch script(s); submit nothing."),
+            click.option("--max-array-size", type=int,
+                         help="Override the cluster's MaxArraySize (read from `scontrol show "
+                              "config`), e.g. for a dry run away from the cluster."),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return deco
+
+
+def executor_kwargs(kw: dict) -> dict:
+    """The executor flags the user gave (None = not given)."""
+    out = {}
+    for key in ("nodes", "gpus_per_node", "gpus_per_task", "workers_per_node", "partition",
+                "account", "qos", "mem", "cpus_per_gpu", "cpus_per_task"):
+        if kw.get(key) is not None:
+            out[key] = kw[key]
+    if kw.get("time_limit") is not None:
+        out["time"] = kw["time_limit"]
+    if kw.get("slurm_args"):
+        args = {}
+        for item in kw["slurm_args"]:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UserError(f"--slurm-arg {item!r}: use KEY=VALUE (e.g. constraint=a100)")
+            args[key.lstrip("-")] = value
+        out["slurm_args"] = args
+    return out
+
+
+def print_submission(console, rec: dict, shards_todo: int) -> None:
+    arrays = ", ".join(f"{a['size']} (throttle %{a['throttle']})"
+                       + (f" job {a['job_id']}" if a.get("job_id") else "")
+                       for a in rec["arrays"])
+    es = rec["executor"]
+    gpus = (f"{es['gpus_per_task']} GPU(s) each" if es["gpus_per_node"] else "CPU only")
+    console.print(f"{'plan' if rec['dry_run'] else 'submitted'}: {shards_todo} shard(s) to do, "
+                  f"{rec['workers']} worker(s) ({gpus}), {len(rec['arrays'])} array(s): "
+                  f"{arrays or 'none'}; MaxArraySize {rec['max_array_size']}")
+
+
+def submit_and_report(console, prep, es, manifest, dry_run, max_array_size):
+    from ..executors.slurm import submit
+    rec = submit(prep, es, manifest["run_id"], dry_run=dry_run, max_array_size=max_array_size)
+    if dry_run:
+        for i, script in enumerate(rec["scripts"]):
+            click.echo(f"# ---- sbatch script {i + 1}/{len(rec['scripts'])} ----")
+            click.echo(script)
+    print_submission(console, rec, len(prep.shards))
+    if not dry_run:
+        console.print(f"follow it with `capsfus status {prep.job.run_dir}`; rerun what fails "
+                      f"with `capsfus resume {prep.job.run_dir}`")
+    return rec
+
+
+def only_todo(run, prep, job_alive=None):
+    """The shards of ``prep`` not done and not held by a live worker."""
+    from dataclasses import replace
+
+    from ..rundir.lease import LeaseDir
+    from ..rundir.stage import StageDir
+    from ..rundir.status import shard_status
+    stage = StageDir(run, prep.job.stage)
+    leases = LeaseDir(stage.root / "leases", job_alive=job_alive)
+    current = leases.scan()
+    now = time.time()
+    todo = []
+    for i in prep.shards:
+        st = stage.read_state(i)
+        s = shard_status(st, current.get(i), leases, now)
+        if s == "done" and st.get("settings_hash") == prep.settings_hash:
+            continue
+        if s == "running":
+            continue
+        todo.append(i)
+    return replace(prep, shards=todo)

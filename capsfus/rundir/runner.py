@@ -1,0 +1,318 @@
+"""Runs one shard of a stage in chunks, exactly once, safe to call twice (``run_shard``).
+
+Three threads overlap I/O with generation: a reader prepares the next chunk (reads rows,
+renders prompts) while the main thread generates the current one and a writer commits the
+previous one. A chunk is committed by (1) writing its out/rejected files atomically, each named
+with the lease epoch, then (2) after the fencing check, rewriting the shard state to list them
+with their checksums. A kill at any moment loses at most the chunks in flight; the next holder
+continues after the last listed chunk. When every row is done the chunks are compacted into
+one file per shard.
+
+A stage plugs in through a *processor* with two methods:
+``prepare(rows) -> prepared`` (reader thread, cheap) and
+``process(prepared) -> (out_rows, rejected_rows)`` (main thread, the expensive part), where
+every input row comes back exactly once, in ``out_rows`` or in ``rejected_rows`` with a
+``reason``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .faults import crashpoint
+from .io import JsonlZstWriter, iter_jsonl_zst
+from .lease import Lease, LeaseDir
+from .manifest import Run
+from .stage import StageDir, input_rows
+
+log = logging.getLogger("capsfus.runner")
+
+
+class Processor(Protocol):
+    def prepare(self, rows: list[dict]) -> Any: ...
+    def process(self, prepared: Any) -> tuple[list[dict], list[dict]]: ...
+
+
+class Fenced(Exception):
+    """This worker lost its lease (a later epoch exists): it must stop and trust nothing."""
+
+
+@dataclass
+class StageContext:
+    run: Run
+    manifest: dict
+    stage: StageDir
+    input_stage: str
+    settings_hash: str
+    processor: Processor
+    leases: LeaseDir
+    chunk_size: int = 1000
+    heartbeat: float = 30.0
+    worker: dict = field(default_factory=dict)
+
+
+@dataclass
+class ShardResult:
+    shard: int
+    status: str                 # done | busy | failed | fenced | already_done
+    rows: int = 0
+    gen_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    error: str | None = None
+
+
+def rows_total(ctx: StageContext, shard: int) -> int:
+    if ctx.input_stage == "input":
+        return ctx.manifest["shards"][shard]["rows"]
+    st = StageDir(ctx.run, ctx.input_stage).read_state(shard) or {}
+    return st.get("rows_out", 0)
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.2)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(q: queue.Queue, stop: threading.Event):
+    while True:
+        try:
+            return q.get(timeout=0.2)
+        except queue.Empty:
+            if stop.is_set():
+                return None
+
+
+def run_shard(ctx: StageContext, shard: int) -> ShardResult:
+    """Leases the shard and brings it to done, continuing from its last trusted chunk."""
+    lease = ctx.leases.acquire(shard, extra={"worker_log": ctx.worker.get("log")})
+    if lease is None:
+        return ShardResult(shard, "busy")
+    lease.start_heartbeat(ctx.heartbeat)
+    try:
+        return _run_leased(ctx, shard, lease)
+    finally:
+        lease.release()
+
+
+def _write_state(ctx: StageContext, lease: Lease, shard: int, state: dict) -> None:
+    if not lease.still_mine():
+        raise Fenced(f"shard {shard}: lease epoch {lease.epoch} was taken over")
+    ctx.stage.write_state(shard, state)
+
+
+def _run_leased(ctx: StageContext, shard: int, lease: Lease) -> ShardResult:
+    stage, h = ctx.stage, ctx.settings_hash
+    old = stage.read_state(shard) or {}
+    if stage.final_is_trusted(old, h):
+        stage.remove_untrusted(shard, stage.final_files(old))  # leftovers of a crash
+        return ShardResult(shard, "already_done", old.get("rows_out", 0))
+    if old.get("status") == "done":
+        log.warning("shard %d: final output missing or corrupted: redoing the shard", shard)
+        old = {**old, "chunks": []}
+    chunks = stage.trusted_prefix(old, h)
+    if len(chunks) < len(old.get("chunks", [])):
+        log.warning("shard %d: %d chunk(s) untrusted (missing, corrupted or other settings): "
+                    "redoing them", shard, len(old["chunks"]) - len(chunks))
+    total = rows_total(ctx, shard)
+    start_row = chunks[-1]["end"] if chunks else 0
+    state = {
+        "shard": shard, "stage": stage.name, "status": "running", "epoch": lease.epoch,
+        "settings_hash": h, "rows_total": total, "rows_done": start_row,
+        "rows_out": sum(c["out"]["rows"] for c in chunks),
+        "rows_rejected": sum(c["rejected"]["rows"] if c.get("rejected") else 0 for c in chunks),
+        "reasons": dict(sum((Counter(c.get("reasons", {})) for c in chunks), Counter())),
+        "chunks": chunks, "attempts": old.get("attempts", 0) + 1,
+        "owner": {k: lease.data.get(k) for k in ("host", "pid", "job_id", "worker")},
+        "log": ctx.worker.get("log"), "last_error": old.get("last_error"),
+        "timings": {"gen_s": 0.0, "wall_s": 0.0, "rows": 0},
+        "timings_history": (old.get("timings_history", []) + [old["timings"]])[-5:]
+        if old.get("timings") else [],
+        "final": None,
+    }
+    keep = {c["out"]["file"] for c in chunks} | {c["rejected"]["file"] for c in chunks
+                                                  if c.get("rejected")}
+    stage.remove_untrusted(shard, keep)
+    _write_state(ctx, lease, shard, state)
+
+    t_start = time.time()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    in_q: queue.Queue = queue.Queue(maxsize=2)
+    out_q: queue.Queue = queue.Queue()
+    # One chunk may be committing while the next is generated, never more: a kill loses at
+    # most those two chunks of generation work.
+    commit_slot = threading.Semaphore(1)
+
+    def reader():
+        try:
+            rows = input_rows(ctx.run, ctx.manifest, ctx.input_stage, shard)
+            rows = itertools.islice(rows, start_row, None)
+            pos = start_row
+            while not stop.is_set():
+                batch = list(itertools.islice(rows, ctx.chunk_size))
+                if not batch:
+                    break
+                prepared = ctx.processor.prepare(batch)
+                if not _put(in_q, (pos, pos + len(batch), len(batch), prepared), stop):
+                    return
+                pos += len(batch)
+            if pos != total and not stop.is_set():
+                raise RuntimeError(f"shard {shard}: read {pos} input rows, expected {total}")
+            _put(in_q, None, stop)
+        except BaseException as e:  # handed to the main thread
+            errors.append(e)
+            stop.set()
+
+    def writer():
+        try:
+            while True:
+                item = _get(out_q, stop)
+                if item is None:
+                    return
+                _commit_chunk(ctx, lease, shard, state, *item, t_start=t_start)
+                commit_slot.release()
+        except BaseException as e:
+            errors.append(e)
+            stop.set()
+
+    threads = [threading.Thread(target=reader, name=f"reader-{shard}", daemon=True),
+               threading.Thread(target=writer, name=f"writer-{shard}", daemon=True)]
+    for t in threads:
+        t.start()
+    gen_s = 0.0
+    try:
+        while True:
+            item = _get(in_q, stop)
+            if item is None:
+                break
+            start, end, n, prepared = item
+            t0 = time.time()
+            out_rows, rej_rows = ctx.processor.process(prepared)
+            gen_s += time.time() - t0
+            state["timings"]["gen_s"] = round(gen_s, 4)
+            if len(out_rows) + len(rej_rows) != n:
+                raise RuntimeError(f"shard {shard} rows {start}-{end}: the stage returned "
+                                   f"{len(out_rows)} + {len(rej_rows)} rows for {n}")
+            while not commit_slot.acquire(timeout=0.2):
+                if stop.is_set():
+                    break
+            if stop.is_set():
+                break
+            out_q.put((start, end, out_rows, rej_rows))
+        out_q.put(None)
+        threads[1].join()
+        stop.set()
+        threads[0].join(timeout=10)
+        if errors:
+            raise errors[0]
+        _compact(ctx, lease, shard, state)
+        wall = time.time() - t_start
+        return ShardResult(shard, "done", state["rows_done"] - start_row, gen_s, wall)
+    except Exception as e:
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+        err = next((x for x in errors if isinstance(x, Fenced)), e)
+        if isinstance(err, Fenced):
+            log.warning("%s", err)
+            return ShardResult(shard, "fenced", error=str(err))
+        from ..errors import UserError
+        msg = f"{type(err).__name__}: {err}"
+        if isinstance(err, UserError):      # a clear cause (bad key, endpoint…): no traceback
+            log.error("shard %d failed: %s", shard, err)
+        else:
+            log.error("shard %d failed: %s\n%s", shard, msg,
+                      "".join(traceback.format_exception(err)))
+        state["status"] = "failed"
+        state["last_error"] = {"message": msg[:2000], "time": time.time(), "epoch": lease.epoch}
+        try:
+            _write_state(ctx, lease, shard, state)
+        except Fenced:
+            return ShardResult(shard, "fenced", error=msg)
+        return ShardResult(shard, "failed", error=msg)
+    finally:
+        stop.set()
+
+
+def _commit_chunk(ctx: StageContext, lease: Lease, shard: int, state: dict, start: int,
+                  end: int, out_rows: list[dict], rej_rows: list[dict], t_start: float) -> None:
+    stage = ctx.stage
+    name = f"c{start:09d}-{end:09d}.e{lease.epoch:06d}.jsonl.zst"
+    out_meta = _write_rows(stage.out_dir(shard) / name, out_rows)
+    rej_meta = _write_rows(stage.rejected_dir(shard) / name, rej_rows) if rej_rows else None
+    crashpoint("after_chunk_file")
+    reasons = Counter(r.get("reason", "unknown") for r in rej_rows)
+    state["chunks"].append({"start": start, "end": end, "epoch": lease.epoch,
+                            "settings_hash": ctx.settings_hash, "out": out_meta,
+                            "rejected": rej_meta, "reasons": dict(reasons)})
+    state["reasons"] = dict(Counter(state.get("reasons", {})) + reasons)
+    state["rows_done"] = end
+    state["rows_out"] += len(out_rows)
+    state["rows_rejected"] += len(rej_rows)
+    state["timings"].update(wall_s=round(time.time() - t_start, 4),
+                            rows=state["timings"]["rows"] + (end - start))
+    _write_state(ctx, lease, shard, state)
+    crashpoint("after_state")
+
+
+def _write_rows(path, rows: list[dict]) -> dict:
+    w = JsonlZstWriter(path)
+    try:
+        w.write_many(rows)
+        return w.commit()
+    except BaseException:
+        w.abort()
+        raise
+
+
+def _compact(ctx: StageContext, lease: Lease, shard: int, state: dict) -> None:
+    """Concatenates the shard's chunks into one out file (and one rejected file), each
+    verified against its checksum on the way, then lists them in the state as final."""
+    stage = ctx.stage
+    name = f"shard.e{lease.epoch:06d}.jsonl.zst"
+    final: dict = {}
+    for key, folder in (("out", stage.out_dir(shard)), ("rejected", stage.rejected_dir(shard))):
+        parts = [c[key] for c in state["chunks"] if c.get(key)]
+        if key == "rejected" and not parts:
+            final[key] = None
+            continue
+        w = JsonlZstWriter(folder / name)
+        try:
+            for p in parts:
+                w.write_many(iter_jsonl_zst(folder / p["file"], expect_sha256=p["sha256"]))
+            final[key] = w.commit()
+        except BaseException:
+            w.abort()
+            raise
+    n_out = final["out"]["rows"]
+    n_rej = final["rejected"]["rows"] if final["rejected"] else 0
+    if n_out + n_rej != state["rows_total"]:
+        raise RuntimeError(f"shard {shard}: compaction holds {n_out}+{n_rej} rows, "
+                           f"expected {state['rows_total']}")
+    crashpoint("mid_compaction")
+    chunk_files = [(c["out"]["file"], c.get("rejected") and c["rejected"]["file"])
+                   for c in state["chunks"]]
+    state.update(status="done", final=final, n_chunks=len(state["chunks"]), chunks=[],
+                 rows_out=n_out, rows_rejected=n_rej, finished=time.time())
+    _write_state(ctx, lease, shard, state)
+    crashpoint("after_compaction")
+    for out_f, rej_f in chunk_files:
+        for p in (stage.out_dir(shard) / out_f, rej_f and stage.rejected_dir(shard) / rej_f):
+            if p:
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass
