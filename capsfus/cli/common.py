@@ -251,6 +251,8 @@ def print_stage_summary(console, run, name: str, summaries: list[dict]) -> None:
         console.print("Run the same command again to retry the failed shards; "
                       f"`capsfus status {run.root}` shows details.")
         sys.exit(1)
+    if s.get("stale_hint"):
+        console.print(s["stale_hint"])
     if c["done"] < s["shards"] and not c["running"]:
         console.print(f"{s['shards'] - c['done']} shard(s) not done (not selected, or held by "
                       f"another worker): run the command again without --shards to finish.")
@@ -347,17 +349,19 @@ def only_todo(run, prep, job_alive=None):
     """The shards of ``prep`` not done and not held by a live worker."""
     from dataclasses import replace
 
+    from ..rundir.fresh import stale_map
     from ..rundir.lease import LeaseDir
     from ..rundir.stage import StageDir
     from ..rundir.status import shard_status
     stage = StageDir(run, prep.job.stage)
+    stale = stale_map(run, prep.job.stage)
     leases = LeaseDir(stage.root / "leases", job_alive=job_alive)
     current = leases.scan()
     now = time.time()
     todo = []
     for i in prep.shards:
         st = stage.read_state(i)
-        s = shard_status(st, current.get(i), leases, now)
+        s = shard_status(st, current.get(i), leases, now, stale=i in stale)
         if s == "done" and st.get("settings_hash") == prep.settings_hash:
             continue
         if s == "running":

@@ -298,6 +298,8 @@ def status(run_dir, stage_opt, as_json):
         console.print(t)
         if s.get("throughput_images_per_s"):  # the caption stage: one image per row
             console.print(f"  {s['throughput_images_per_s']:.2f} images/s")
+        if s.get("stale_hint"):
+            console.print(f"  [yellow]{s['stale_hint']}[/]", highlight=False)
         if s["reasons"]:
             console.print("  rejected: " + ", ".join(f"{k} {v:,}" for k, v in
                                                      sorted(s["reasons"].items())))

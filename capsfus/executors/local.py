@@ -19,6 +19,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..rundir.io import atomic_write_json
 from ..rundir.job import StageJob
+from ..rundir.fresh import stale_message, state_is_current, upstream_sha
 from ..rundir.lease import DEFAULT_HEARTBEAT, DEFAULT_TTL, LeaseDir
 from ..rundir.manifest import Run
 from ..rundir.runner import StageContext, run_shard
@@ -55,6 +56,12 @@ def prepare(job: StageJob, shards: list[int] | None, force: bool = False) -> Pre
         raise UserError(f"{run.root} has no rows (every input row was rejected at ingest: see "
                         f"`capsfus cat {run.root} --stage input --rejected`)")
     job, input_stage, settings = job.resolve(run)
+    if input_stage != "input":
+        # a stage never reads a stale upstream shard: the user redoes that stage first
+        msg = stale_message(run, input_stage, manifest, reading=f"{job.stage} reads {input_stage}"
+                                                                f", and ")
+        if msg:
+            raise UserError(msg)
     h = StageDir(run, job.stage).ensure_config(manifest["run_id"], input_stage, settings, force)
     if shards is None:
         shards = list(range(len(manifest["shards"])))
@@ -108,7 +115,9 @@ def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
             if shard in failed_here:
                 continue
             st = stage.read_state(shard)
-            if st and st.get("status") == "done" and stage.final_is_trusted(
+            if st and st.get("status") == "done" and state_is_current(
+                    st, prep.settings_hash, upstream_sha(run, ctx.manifest, prep.input_stage,
+                                                         shard)) and stage.final_is_trusted(
                     st, prep.settings_hash) and not stage.has_leftovers(shard, st):
                 continue
             res = run_shard(ctx, shard)

@@ -154,6 +154,10 @@ class RowReader:
             if name.split("@")[0] == "filter":
                 self.fused_key = (cfg.get("settings") or {}).get("fused_col", FUSED)
             name = cfg.get("input_stage") or "input"
+        from ..rundir.fresh import stale_message
+        stale = stale_message(run, stage, self.manifest, reading="not exported: ")
+        if stale:         # done means current: never ship rows made with other settings/input
+            raise UserError(stale)
         self.has_fused_stage = any(sd.name.split("@")[0] in ("fuse", "filter")
                                    for sd in self.chain)
         if self.base == "input":

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .faults import crashpoint
+from .fresh import upstream_sha
 from .io import JsonlZstWriter, iter_jsonl_zst
 from .lease import Lease, LeaseDir
 from .manifest import Run
@@ -116,21 +117,28 @@ def _write_state(ctx: StageContext, lease: Lease, shard: int, state: dict) -> No
 def _run_leased(ctx: StageContext, shard: int, lease: Lease) -> ShardResult:
     stage, h = ctx.stage, ctx.settings_hash
     old = stage.read_state(shard) or {}
-    if stage.final_is_trusted(old, h):
+    # done means current: today's settings and today's upstream output (see fresh.py)
+    in_sha = upstream_sha(ctx.run, ctx.manifest, ctx.input_stage, shard)
+    if stage.final_is_trusted(old, h) and old.get("input_sha256") == in_sha \
+            and in_sha is not None:
         stage.remove_untrusted(shard, stage.final_files(old))  # leftovers of a crash
         return ShardResult(shard, "already_done", old.get("rows_out", 0))
     if old.get("status") == "done":
-        log.warning("shard %d: final output missing or corrupted: redoing the shard", shard)
+        why = ("its input changed (upstream shard redone)"
+               if stage.final_is_trusted(old, h) else
+               "made with other settings" if old.get("settings_hash") != h else
+               "final output missing or corrupted")
+        log.warning("shard %d: %s: redoing the shard", shard, why)
         old = {**old, "chunks": []}
-    chunks = stage.trusted_prefix(old, h)
+    chunks = stage.trusted_prefix(old, h, in_sha)
     if len(chunks) < len(old.get("chunks", [])):
-        log.warning("shard %d: %d chunk(s) untrusted (missing, corrupted or other settings): "
-                    "redoing them", shard, len(old["chunks"]) - len(chunks))
+        log.warning("shard %d: %d chunk(s) untrusted (missing, corrupted, other settings or "
+                    "other input): redoing them", shard, len(old["chunks"]) - len(chunks))
     total = rows_total(ctx, shard)
     start_row = chunks[-1]["end"] if chunks else 0
     state = {
         "shard": shard, "stage": stage.name, "status": "running", "epoch": lease.epoch,
-        "settings_hash": h, "rows_total": total, "rows_done": start_row,
+        "settings_hash": h, "input_sha256": in_sha, "rows_total": total, "rows_done": start_row,
         "rows_out": sum(c["out"]["rows"] for c in chunks),
         "rows_rejected": sum(c["rejected"]["rows"] if c.get("rejected") else 0 for c in chunks),
         "reasons": dict(sum((Counter(c.get("reasons", {})) for c in chunks), Counter())),
@@ -158,7 +166,8 @@ def _run_leased(ctx: StageContext, shard: int, lease: Lease) -> ShardResult:
 
     def reader():
         try:
-            rows = input_rows(ctx.run, ctx.manifest, ctx.input_stage, shard)
+            rows = input_rows(ctx.run, ctx.manifest, ctx.input_stage, shard,
+                              expect_sha=in_sha)
             rows = itertools.islice(rows, start_row, None)
             pos = start_row
             while not stop.is_set():
@@ -256,7 +265,8 @@ def _commit_chunk(ctx: StageContext, lease: Lease, shard: int, state: dict, star
     crashpoint("after_chunk_file")
     reasons = Counter(r.get("reason", "unknown") for r in rej_rows)
     state["chunks"].append({"start": start, "end": end, "epoch": lease.epoch,
-                            "settings_hash": ctx.settings_hash, "out": out_meta,
+                            "settings_hash": ctx.settings_hash,
+                            "input_sha256": state.get("input_sha256"), "out": out_meta,
                             "rejected": rej_meta, "reasons": dict(reasons)})
     state["reasons"] = dict(Counter(state.get("reasons", {})) + reasons)
     state["rows_done"] = end

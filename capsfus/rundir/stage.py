@@ -129,13 +129,17 @@ class StageDir:
         return self.root / "rejected" / f"{shard:05d}"
 
     # --- trust ---------------------------------------------------------------------------
-    def trusted_prefix(self, state: dict, current_hash: str) -> list[dict]:
-        """The leading chunks of ``state`` whose files exist with matching checksums and the
-        current settings: everything after the first bad one is redone."""
+    def trusted_prefix(self, state: dict, current_hash: str,
+                       input_sha: str | None = None) -> list[dict]:
+        """The leading chunks of ``state`` whose files exist with matching checksums, the
+        current settings and (when given) made from the current upstream output ``input_sha``:
+        everything after the first bad one is redone."""
         good = []
         expect = 0
         for c in state.get("chunks", []):
             if c.get("start") != expect or c.get("settings_hash") != current_hash:
+                break
+            if input_sha is not None and c.get("input_sha256") != input_sha:
                 break
             if not verify_file(self.out_dir(state["shard"]) / c["out"]["file"], c["out"]["sha256"]):
                 break
@@ -198,13 +202,16 @@ class StageDir:
         return [(folder / c[key]["file"], c[key]["sha256"]) for c in st.get("chunks", [])
                 if c.get(key)]
 
-    def iter_rows(self, shard: int, rejected: bool = False, verify: bool = True) -> Iterator[dict]:
-        for path, sha in self.trusted_files(shard, rejected):
+    def iter_rows(self, shard: int, rejected: bool = False, verify: bool = True,
+                  state: dict | None = None) -> Iterator[dict]:
+        for path, sha in self.trusted_files(shard, rejected, state=state):
             yield from iter_jsonl_zst(path, expect_sha256=sha if verify else None)
 
 
-def input_rows(run: Run, manifest: dict, input_stage: str, shard: int) -> Iterator[dict]:
-    """The rows a stage reads for one shard, checksum-verified before the first row."""
+def input_rows(run: Run, manifest: dict, input_stage: str, shard: int,
+               expect_sha: str | None = None) -> Iterator[dict]:
+    """The rows a stage reads for one shard, checksum-verified before the first row. With
+    ``expect_sha``, the upstream output must still be that one (it was not redone since)."""
     if input_stage == "input":
         entry = manifest["shards"][shard]
         path = run.root / entry["file"]
@@ -215,4 +222,8 @@ def input_rows(run: Run, manifest: dict, input_stage: str, shard: int) -> Iterat
     st = src.read_state(shard)
     if not st or st.get("status") != "done":
         raise UserError(f"shard {shard} of stage {input_stage} is not done yet")
-    return src.iter_rows(shard)
+    if expect_sha is not None and (st.get("final") or {}).get("out", {}).get("sha256") \
+            != expect_sha:
+        raise UserError(f"shard {shard} of stage {input_stage} changed while it was read: "
+                        f"run the command again")
+    return src.iter_rows(shard, state=st)

@@ -11,16 +11,22 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from .fresh import STALE_WHY, redo_hint, shard_list, stale_map
 from .lease import LeaseDir
 from .manifest import Run
 from .stage import StageDir
 
-SHARD_STATES = ("done", "running", "failed", "interrupted", "pending")
+SHARD_STATES = ("done", "stale", "running", "failed", "interrupted", "pending")
 
 
-def shard_status(state: dict | None, lease, leases: LeaseDir, now: float) -> str:
+def shard_status(state: dict | None, lease, leases: LeaseDir, now: float,
+                 stale: bool = False) -> str:
+    """``stale``: the shard is done but not with today's settings or input (fresh.py); it is
+    not done, and shows as ``stale`` until a worker takes it."""
     if state and state.get("status") == "done":
-        return "done"
+        if not stale:
+            return "done"
+        return "running" if lease is not None and leases.is_live(lease, now) else "stale"
     if lease is not None and leases.is_live(lease, now):
         return "running"
     if state and state.get("status") == "failed":
@@ -67,15 +73,16 @@ def stage_status(run: Run, stage_name: str, job_alive=None, queue=None) -> dict:
     running_rate = 0.0
     rates = []
     failed, running = [], []
+    stale = stale_map(run, stage_name, manifest)
     for i in range(n):
         st = states.get(i)
         lease = current.get(i)
-        s = shard_status(st, lease, leases, now)
+        s = shard_status(st, lease, leases, now, stale=i in stale)
         counts[s] += 1
         total = (st or {}).get("rows_total", manifest["shards"][i]["rows"])  # e.g. a sample
         rows_total += total
         if st:
-            rows_done += st.get("rows_done", 0) if s != "done" else total
+            rows_done += total if s == "done" else 0 if s == "stale" else st.get("rows_done", 0)
             rows_out += st.get("rows_out", 0)
             rows_rejected += st.get("rows_rejected", 0)
             reasons.update(st.get("reasons", {}))
@@ -118,6 +125,11 @@ def stage_status(run: Run, stage_name: str, job_alive=None, queue=None) -> dict:
         "eta_s": round(remaining / running_rate) if running_rate and remaining else None,
         "generation_share": round(gen / busy, 4) if busy else None,
         "failed": failed, "running": running,
+        "stale": [{"shard": i, "why": w, "detail": STALE_WHY[w]} for i, w in sorted(stale.items())
+                  if i < n],
+        "stale_hint": (f"{len(stale)} shard(s) stale ({shard_list(stale)}): not done with "
+                       f"today's settings or input; redo them with {redo_hint(run, stage_name)}")
+        if stale else None,
         "slurm": queue(stage.root) if queue else None,
     }
 
