@@ -151,6 +151,19 @@ def _yaml_header(summary: dict, opts, license_id: str | None, pretty: str) -> st
     header["size_categories"] = [size_category(summary["rows"]["exported"])]
     header["configs"] = [{"config_name": "default",
                           "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}]
+    # What this export holds, in the Hub's own `dataset_info` keys. The datasets library keys
+    # its cache of a local folder by the folder's name plus a hash of the card's `configs:`
+    # (data file *patterns*, the same for every export) and `dataset_info`: without these
+    # figures every folder named `export` shares one cache entry, and load_dataset(DIR)
+    # returns another export's rows (or the old rows after `export --overwrite`). The row
+    # count and byte size make the entry this export's; the row count is also verified by
+    # `load_dataset` when it builds the cache.
+    size = int(summary.get("bytes") or 0)
+    header["dataset_info"] = {
+        "config_name": "default",
+        "splits": [{"name": "train", "num_bytes": size,
+                    "num_examples": int(summary["rows"]["exported"])}],
+        "download_size": size, "dataset_size": size}
     return yaml.safe_dump(header, sort_keys=False, allow_unicode=True).strip()
 
 

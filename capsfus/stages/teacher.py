@@ -64,6 +64,7 @@ from ..rundir.io import JsonlZstWriter, atomic_write_json
 from ..rundir.lease import LeaseDir
 from ..rundir.manifest import Run
 from ..rundir.rows import FUSED, RAW, SYNTHETIC
+from ..rundir.fresh import upstream_sha
 from ..rundir.stage import StageDir, input_rows
 from .fuse import FUSE_REJECT_REASONS
 from .teacher_journal import Journal, Ledger
@@ -236,6 +237,12 @@ class Teacher:
                             f"price table: pass --prices FILE or --price-in/--price-out")
         self._lock()
         self.input_stage = input_stage_of(self.run)
+        from ..rundir.fresh import stale_message
+        stale = stale_message(self.run, self.input_stage, self.manifest,
+                              reading=f"teacher reads {self.input_stage}, and ") \
+            if self.input_stage != "input" else None
+        if stale:
+            raise UserError(stale)
         self.settings_hash = self.stage.ensure_config(self.manifest["run_id"], self.input_stage,
                                                       o.settings(), o.force)
         self.sample = select_sample(self.run, self.manifest, self.input_stage, o.sample, o.seed,
@@ -246,7 +253,9 @@ class Teacher:
         self.todo_shards = []
         for shard, idx in self.sample.items():
             st = self.stage.read_state(shard) or {}
-            if self.stage.final_is_trusted(st, self.settings_hash) and not (
+            if self.stage.final_is_trusted(st, self.settings_hash) and st.get(
+                    "input_sha256") == upstream_sha(self.run, self.manifest, self.input_stage,
+                                                    shard) and not (
                     o.retry_rejected and set(st.get("reasons", {})) & TRANSIENT_REASONS):
                 self.rows_done += len(idx)
                 self.reasons.update(st.get("reasons", {}))
@@ -359,6 +368,7 @@ class Teacher:
         self.stage.write_state(shard, {
             "shard": shard, "stage": self.stage.name, "status": status, "epoch": epoch,
             "settings_hash": self.settings_hash, "rows_total": total,
+            "input_sha256": upstream_sha(self.run, self.manifest, self.input_stage, shard),
             "rows_done": len(finals), "rows_out": len(finals) - len(rej),
             "rows_rejected": len(rej), "reasons": dict(Counter(r["reason"] for r in rej)),
             "chunks": [], "final": final, "attempts": max(1, attempts),
