@@ -4,6 +4,7 @@ prepared job is submitted and reported. Imports nothing else of the CLI."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -135,7 +136,22 @@ def spec_from(kw: dict):
                       chat_template=kw["chat_template"], dtype=kw["dtype"],
                       gguf_file=kw.get("gguf_file"),
                       tensor_parallel_size=kw["tensor_parallel_size"],
-                      endpoint=kw.get("endpoint"), api_key_env=kw.get("api_key_env"))
+                      endpoint=record_endpoint(kw.get("endpoint")),
+                      api_key_env=kw.get("api_key_env"))
+
+
+def record_endpoint(url: str | None) -> str | None:
+    """The endpoint as jobs, records and pickles hold it: sanitized. When the URL carries
+    credentials, the full URL goes to this process's environment (ENDPOINT_ENV), which local
+    workers and SLURM jobs (sbatch exports the submitting environment) inherit; a later
+    `resume` in a new shell needs it exported again: it is never written anywhere."""
+    from ..errors import ENDPOINT_ENV, sanitize_url
+    if not url:
+        return url
+    safe = sanitize_url(url)
+    if safe != url.rstrip("#"):
+        os.environ[ENDPOINT_ENV] = url
+    return safe
 
 
 class StageProgress:

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from ..errors import UserError
+from ..errors import ENDPOINT_ENV, UserError, redact_url, sanitize_url  # noqa: F401
 
 RETRY_STATUSES = {408, 409, 429}
 TRANSIENT_REASONS = {"rate_limited", "server_error", "timeout", "connection_error",
@@ -87,15 +87,17 @@ def redact(text: str, *secrets: str) -> str:
     return text
 
 
-def sanitize_url(url: str) -> str:
-    """The endpoint without credentials (user:pass@, key-like query parameters), for records."""
-    p = urlsplit(url)
-    netloc = p.hostname or ""
-    if p.port:
-        netloc += f":{p.port}"
-    q = "&".join(f"{k}={v[0] if k.lower() in ('api-version',) else '…'}"
-                 for k, v in parse_qs(p.query).items())
-    return urlunsplit((p.scheme, netloc, p.path, q, ""))
+def runtime_endpoint(stored: str) -> str:
+    """The URL to talk to: ``stored`` is what records hold (sanitized); the full URL, when it
+    carries credentials, comes from the environment (ENDPOINT_ENV), never from a file."""
+    real = os.environ.get(ENDPOINT_ENV, "")
+    if real and sanitize_url(real) == sanitize_url(stored):
+        return real
+    if "…" in stored:
+        raise UserError(f"the endpoint {stored} had credentials in its URL, which capsfus never "
+                        f"stores: export {ENDPOINT_ENV}='<the full URL>' (or pass --endpoint "
+                        f"again) and rerun")
+    return stored
 
 
 @dataclass
@@ -233,7 +235,7 @@ class OpenAIClient:
         await self._client.close()
 
     def _redact(self, text: str) -> str:
-        return redact(str(text), self._key)[:500]
+        return redact_url(redact(str(text), self._key), self.s.endpoint)[:500]
 
     def estimate_tokens(self, payload, max_tokens: int) -> int:
         return math.ceil(_payload_chars(payload) / 4) + max_tokens

@@ -36,7 +36,7 @@ class OpenAIEngine(Engine):
     def __init__(self, spec: EngineSpec):
         super().__init__(spec)
         from ..prompt import approx_tokens, approx_truncate
-        from .openai_client import ClientSettings, api_key_from_env
+        from .openai_client import ClientSettings, api_key_from_env, runtime_endpoint
         if not spec.endpoint:
             raise UserError("--engine openai needs --endpoint URL (e.g. http://host:8000/v1 "
                             "of a `vllm serve`)")
@@ -54,7 +54,10 @@ class OpenAIEngine(Engine):
             extra.update(top_p=d.top_p, seed=d.seed)
         # fewer, shorter retries than the teacher's: the stage itself retries a failing batch
         # (bisecting it, --max-attempts), so a dead row costs seconds, not minutes
-        self.settings = ClientSettings(endpoint=spec.endpoint, model=spec.model, api=api,
+        # the spec holds the sanitized URL (it is pickled and recorded); the full one, with
+        # credentials, comes from the environment
+        self.settings = ClientSettings(endpoint=runtime_endpoint(spec.endpoint), model=spec.model,
+                                       api=api,
                                        concurrency=spec.batch_size or DEFAULT_CONCURRENCY,
                                        max_retries=3, backoff_base=0.5, backoff_max=10.0,
                                        extra_body=extra)
@@ -80,7 +83,11 @@ class OpenAIEngine(Engine):
         return self._cut(text, n_tokens) if n_tokens > 0 else ""
 
     def generate(self, prompts: list[str]) -> list[Generation]:
-        from .openai_client import EndpointFatal, OpenAIClient, redact
+        from .openai_client import EndpointFatal, OpenAIClient, redact, redact_url, sanitize_url
+        url = self.settings.endpoint
+
+        def clean(text: str) -> str:
+            return redact_url(redact(str(text), self._key), url)
         new = self.spec.decoding.max_new_tokens
 
         async def run():
@@ -95,12 +102,11 @@ class OpenAIEngine(Engine):
         try:
             replies = asyncio.run(run())
         except EndpointFatal as e:
-            raise UserError(f"--endpoint {self.settings.endpoint}: "
-                            f"{redact(str(e), self._key)}") from None
+            raise UserError(f"--endpoint {sanitize_url(url)}: {clean(e)}") from None
         failed = [r for r in replies if not r.ok]
         if failed:
             raise GenerationError(f"{len(failed)} of {len(prompts)} requests failed "
-                                  f"({failed[0].reason}: {redact(failed[0].detail, self._key)})")
+                                  f"({failed[0].reason}: {clean(failed[0].detail)})")
         return [Generation(text=(r.text or "").strip(), hit_max_tokens=r.finish_reason == "length",
                            n_tokens=(r.usage or {}).get("completion_tokens", 0))
                 for r in replies]

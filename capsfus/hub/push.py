@@ -29,8 +29,12 @@ LOGIN_HINT = ("set HF_TOKEN to a token with write access (https://huggingface.co
 
 
 def endpoint() -> str:
+    """The Hub's URL as shown to the user: HF_ENDPOINT may carry credentials (a proxy's
+    user:pass@ or key parameter), which are never printed or written."""
     from huggingface_hub import constants
-    return constants.ENDPOINT
+
+    from ..errors import sanitize_url
+    return sanitize_url(constants.ENDPOINT)
 
 
 def get_token() -> str:
@@ -122,7 +126,11 @@ def upload(api, folder: Path, repo_id: str, repo_type: str, revision: str | None
         raise _write_error(e, "upload to", repo_id) from None
     except ValueError as e:
         if "Invalid metadata in README.md" in str(e):
-            raise UserError(f"the Hub refused README.md's YAML header: {e}") from None
+            from huggingface_hub import constants
+
+            from ..errors import redact_url
+            raise UserError(f"the Hub refused README.md's YAML header: "
+                            f"{redact_url(str(e), constants.ENDPOINT)}") from None
         raise
     except Exception as e:             # errors from upload threads come wrapped
         http = _in_chain(e, lambda x: isinstance(x, HfHubHTTPError))

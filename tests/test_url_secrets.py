@@ -1,0 +1,101 @@
+"""Issue 13 item 4: credentials inside endpoint URLs (`?api-key=SECRET`, `user:SECRET@host`)
+never reach a file of the run dir (decompressed), the terminal, a submission record or a
+pickle; the worker still talks to the full URL (from the environment). Real CLI subprocesses
+against tests/openai_server.py."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+from openai_server import start_server
+from runhelp import assert_exactly_once, capsfus, write_rows
+
+KEY = "sk-url-4242-key"
+SECRET = "s3cr3t-in-the-url-9731"
+
+
+def _grep(folder: Path, needle: str) -> list[str]:
+    import zstandard
+    hits = []
+    for p in folder.rglob("*"):
+        if p.is_file():
+            data = p.read_bytes()
+            if p.name.endswith(".zst"):
+                data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+            if needle.encode() in data:
+                hits.append(str(p))
+    return hits
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = start_server(tmp_path_factory.mktemp("srv"), key=KEY)
+    yield srv
+    srv.stop()
+
+
+def _urls(base: str) -> list[str]:
+    host = base.split("://", 1)[1]
+    return [f"{base}?api-key={SECRET}", f"http://user:{SECRET}@{host}"]
+
+
+@pytest.mark.parametrize("form", [0, 1])
+def test_refused_key_with_secret_url_leaks_nothing(tmp_path, server, form):
+    url = _urls(server.url)[form]
+    run = tmp_path / "run"
+    capsfus("shard", write_rows(tmp_path / "in.jsonl", 12), "--out", run, "--rows-per-shard", 6)
+    p = capsfus("fuse", run, "--engine", "openai", "--model", "m", "--endpoint", url,
+                "--chat-template", "off", check=False, OPENAI_API_KEY="sk-wrong-key")
+    assert p.returncode != 0 and "refused the API key" in p.stdout + p.stderr
+    assert SECRET not in p.stdout + p.stderr
+    assert (run / "fuse" / "logs").exists() and (run / "fuse" / "state").exists()
+    assert not _grep(run, SECRET)
+    st = capsfus("status", run)
+    assert SECRET not in st.stdout + st.stderr
+
+    # the plan of a SLURM submission (job record + sbatch script) holds no secret either
+    d = capsfus("submit", "fuse", run, "--engine", "openai", "--model", "m", "--endpoint",
+                url, "--chat-template", "off", "--dry-run", "--max-array-size", 10,
+                check=False)
+    assert SECRET not in d.stdout + d.stderr
+    assert not _grep(run, SECRET)
+
+
+def test_worker_uses_the_full_url_but_stores_only_the_sanitized_one(tmp_path, server):
+    url = _urls(server.url)[0]
+    run = tmp_path / "run"
+    capsfus("shard", write_rows(tmp_path / "in.jsonl", 12), "--out", run, "--rows-per-shard", 6)
+    p = capsfus("fuse", run, "--engine", "openai", "--model", "m", "--endpoint", url,
+                "--chat-template", "off", "--workers", 2, OPENAI_API_KEY=KEY)
+    out, rej = assert_exactly_once(run)
+    assert len(out) == 12 and not rej
+    # the server saw the key in the query: the workers talked to the full URL
+    assert any(SECRET in (r.get("query") or "") for r in server.requests())
+    assert not _grep(run, SECRET) and SECRET not in p.stdout + p.stderr
+
+
+def test_jobs_and_their_pickles_hold_the_sanitized_url(monkeypatch):
+    from capsfus.cli.common import record_endpoint
+    from capsfus.engines import EngineSpec
+    from capsfus.errors import ENDPOINT_ENV
+    from capsfus.stages.fuse import FuseJob
+    monkeypatch.delenv(ENDPOINT_ENV, raising=False)
+    for url in _urls("http://127.0.0.1:9"):
+        spec = EngineSpec(engine="openai", model="m", endpoint=record_endpoint(url))
+        job = FuseJob(run_dir="/tmp/x", stage="fuse", spec=spec)
+        assert SECRET not in str(job.to_dict()) and SECRET.encode() not in pickle.dumps(job)
+        import os
+        assert os.environ[ENDPOINT_ENV] == url       # the full URL only in the environment
+
+
+def test_a_sanitized_url_without_the_environment_is_a_clear_error(monkeypatch):
+    from capsfus.engines.openai_client import runtime_endpoint
+    from capsfus.errors import ENDPOINT_ENV, UserError, sanitize_url
+    monkeypatch.delenv(ENDPOINT_ENV, raising=False)
+    stored = sanitize_url(f"http://h:1/v1?api-key={SECRET}")
+    with pytest.raises(UserError, match=ENDPOINT_ENV):
+        runtime_endpoint(stored)
+    monkeypatch.setenv(ENDPOINT_ENV, f"http://h:1/v1?api-key={SECRET}")
+    assert runtime_endpoint(stored) == f"http://h:1/v1?api-key={SECRET}"
