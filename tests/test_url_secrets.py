@@ -99,3 +99,51 @@ def test_a_sanitized_url_without_the_environment_is_a_clear_error(monkeypatch):
         runtime_endpoint(stored)
     monkeypatch.setenv(ENDPOINT_ENV, f"http://h:1/v1?api-key={SECRET}")
     assert runtime_endpoint(stored) == f"http://h:1/v1?api-key={SECRET}"
+
+
+@pytest.mark.parametrize("form", [0, 1])
+def test_teacher_and_judge_with_secret_url_and_refused_key(tmp_path, server, form):
+    url = _urls(server.url)[form]
+    run = tmp_path / "run"
+    capsfus("shard", write_rows(tmp_path / "in.jsonl", 12), "--out", run, "--rows-per-shard", 6)
+    p = capsfus("teacher", run, "--endpoint", url, "--model", "m", "--sample", 6,
+                "--backoff-base", "0.05", check=False, OPENAI_API_KEY="sk-wrong-key")
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert SECRET not in p.stdout + p.stderr and not _grep(run, SECRET)
+
+    import json
+    f = tmp_path / "c.jsonl"
+    f.write_text("".join(json.dumps({"id": str(i), "raw": f"raw {i} words", "synthetic":
+                                     f"a photo {i}", "fused": f"a photo of raw {i} words"})
+                         + "\n" for i in range(4)))
+    out = tmp_path / "eval"
+    p = capsfus("eval", "-c", f, "--out", out, "--no-embeddings", "--judge-endpoint", url,
+                "--judge-model", "m", "--judge-rows", 2, check=False,
+                OPENAI_API_KEY="sk-wrong-key")
+    assert "Traceback" not in p.stderr
+    assert SECRET not in p.stdout + p.stderr and not _grep(out, SECRET)
+    report = json.loads(next(out.glob("*.json")).read_text())
+    assert report["judge"]["status"] == "not run" and "…" not in url
+    if form == 0:   # the teacher and the judge asked the full URL
+        assert sum(SECRET in (r.get("query") or "") for r in server.requests()) >= 2
+
+
+def test_push_with_credentials_in_hf_endpoint_shows_none(hub, tmp_path):
+    """HF_ENDPOINT of a proxy with user:SECRET@: a refused token and an unreachable Hub say
+    where, without the secret."""
+    import subprocess
+    import sys
+
+    from runhelp import REPO
+    from test_hub_server import make_export, make_rows
+    folder = make_export(tmp_path / "exp", make_rows(10), shards=1)
+    host = hub.url.split("://", 1)[1]
+    for endpoint, message in ((f"http://user:{SECRET}@{host}", "rejected by http://"),
+                              (f"http://user:{SECRET}@127.0.0.1:9", "cannot reach http://")):
+        p = subprocess.run([sys.executable, "-m", "capsfus.cli", "push", "dataset", str(folder),
+                            "--repo", hub.repo_id(stem="sec")], capture_output=True, text=True,
+                           timeout=240, cwd=REPO,
+                           env=hub.env("hf_thisTokenIsNotKnownToTheServer000",
+                                       HF_ENDPOINT=endpoint))
+        assert p.returncode == 2 and message in p.stderr, p.stderr[-2000:]
+        assert SECRET not in p.stdout + p.stderr and "Traceback" not in p.stderr

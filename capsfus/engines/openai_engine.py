@@ -92,11 +92,18 @@ class OpenAIEngine(Engine):
 
         async def run():
             client = OpenAIClient(self.settings, api_key=self._key)
+            tasks = [asyncio.ensure_future(client.complete(
+                [{"role": "user", "content": p}] if self.chat else p, max_tokens=new))
+                for p in prompts]
             try:
-                return await asyncio.gather(*(
-                    client.complete([{"role": "user", "content": p}] if self.chat else p,
-                                    max_tokens=new) for p in prompts))
+                return await asyncio.gather(*tasks)
             finally:
+                # a fatal answer (refused key) ends the batch: the other requests are
+                # cancelled and awaited before the client closes, so none dies with the loop
+                # (that printed a traceback from asyncio's shutdown)
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
                 await client.aclose()
 
         try:
