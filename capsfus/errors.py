@@ -19,7 +19,9 @@ def sanitize_url(url: str) -> str:
     """The URL without credentials (user:pass@, query values but api-version), for records."""
     from urllib.parse import parse_qs, urlsplit, urlunsplit
     p = urlsplit(url)
-    netloc = p.hostname or ""
+    # removed credentials stay visible as "…@", so a reader (and `runtime_endpoint`) knows the
+    # real URL had some
+    netloc = ("…@" if p.username or p.password else "") + (p.hostname or "")
     if p.port:
         netloc += f":{p.port}"
     q = "&".join(f"{k}={v[0] if k.lower() in _PUBLIC_QUERY else '…'}"

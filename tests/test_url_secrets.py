@@ -81,7 +81,8 @@ def test_jobs_and_their_pickles_hold_the_sanitized_url(monkeypatch):
     from capsfus.engines import EngineSpec
     from capsfus.errors import ENDPOINT_ENV
     from capsfus.stages.fuse import FuseJob
-    monkeypatch.delenv(ENDPOINT_ENV, raising=False)
+    monkeypatch.setenv(ENDPOINT_ENV, "")     # undone after the test, as record_endpoint's
+    monkeypatch.delenv(ENDPOINT_ENV)
     for url in _urls("http://127.0.0.1:9"):
         spec = EngineSpec(engine="openai", model="m", endpoint=record_endpoint(url))
         job = FuseJob(run_dir="/tmp/x", stage="fuse", spec=spec)
@@ -95,6 +96,7 @@ def test_a_sanitized_url_without_the_environment_is_a_clear_error(monkeypatch):
     from capsfus.errors import ENDPOINT_ENV, UserError, sanitize_url
     monkeypatch.delenv(ENDPOINT_ENV, raising=False)
     stored = sanitize_url(f"http://h:1/v1?api-key={SECRET}")
+    assert "…" in sanitize_url(f"http://u:{SECRET}@h:1/v1")
     with pytest.raises(UserError, match=ENDPOINT_ENV):
         runtime_endpoint(stored)
     monkeypatch.setenv(ENDPOINT_ENV, f"http://h:1/v1?api-key={SECRET}")
@@ -147,3 +149,46 @@ def test_push_with_credentials_in_hf_endpoint_shows_none(hub, tmp_path):
                                        HF_ENDPOINT=endpoint))
         assert p.returncode == 2 and message in p.stderr, p.stderr[-2000:]
         assert SECRET not in p.stdout + p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slurm
+def test_slurm_workers_get_the_full_url_and_pickles_hold_none(slurm_cluster, server, tmp_path):
+    """Submitted workers reach the endpoint with its credentials (from the environment sbatch
+    passes on), while the submission record, the sbatch script and submitit's pickles hold only
+    the sanitized URL."""
+    from test_slurm_fuse import wait_jobs
+    url = _urls(server.url)[0]
+    run = tmp_path / "run"
+    capsfus("shard", write_rows(tmp_path / "in.jsonl", 12), "--out", run, "--rows-per-shard", 6)
+    before = len(server.requests())
+    p = capsfus("submit", "fuse", run, "--engine", "openai", "--model", "m", "--endpoint", url,
+                "--chat-template", "off", "--nodes", 1, "--gpus-per-node", 0,
+                "--time", "00:05:00", OPENAI_API_KEY=KEY, SLURM_CONF=slurm_cluster.conf)
+    wait_jobs(slurm_cluster, run)
+    out, rej = assert_exactly_once(run)
+    assert len(out) == 12 and not rej
+    assert any(SECRET in (r.get("query") or "") for r in server.requests()[before:])
+    pickles = list((run / "fuse" / "slurm").rglob("*.pkl"))
+    assert pickles and list((run / "fuse" / "submissions").glob("*.json"))
+    assert not _grep(run, SECRET) and SECRET not in p.stdout + p.stderr
+
+    # a resume in a new shell: the credentials were never recorded, so it asks for them
+    p = capsfus("resume", run, "--dry-run", check=False, SLURM_CONF=slurm_cluster.conf)
+    assert p.returncode == 2 and "CAPSFUS_ENDPOINT_URL" in p.stderr
+    assert "Traceback" not in p.stderr and SECRET not in p.stdout + p.stderr
+    p = capsfus("resume", run, "--dry-run", CAPSFUS_ENDPOINT_URL=url,
+                SLURM_CONF=slurm_cluster.conf)
+    assert SECRET not in p.stdout + p.stderr
+
+
+def test_sanitized_forms():
+    from capsfus.errors import redact_url, sanitize_url
+    assert sanitize_url(f"http://u:{SECRET}@h:8/v1") == "http://…@h:8/v1"
+    assert sanitize_url(f"https://h/v1?api-key={SECRET}&api-version=2024-02-01") == \
+        "https://h/v1?api-key=…&api-version=2024-02-01"
+    assert sanitize_url("http://h:8000/v1") == "http://h:8000/v1"
+    for url in _urls("http://h:8"):
+        assert sanitize_url(sanitize_url(url)) == sanitize_url(url)
+        text = f"POST {url}/chat/completions failed; key {SECRET}"
+        assert SECRET not in redact_url(text, url)
+

@@ -175,6 +175,12 @@ def resume(run_dir, stage_opt, dry_run, max_array_size, **kw):
                         f"just rerun `capsfus fuse {run_dir} …`)")
     last = recs[-1]
     job = replace(job_from_dict(last["job"]), run_dir=str(run.root))
+    spec = getattr(job, "spec", None)
+    if spec is not None and spec.endpoint:
+        # credentials of the endpoint URL were never recorded: they must be in this
+        # environment again (checked here, before any worker starts)
+        from ..engines.openai_client import runtime_endpoint
+        runtime_endpoint(spec.endpoint)
     es = ExecutorSettings.from_dict({**last["executor"], **executor_kwargs(kw)})
     prep = prepare(job, None)
     prep = only_todo(run, prep, job_alive=JobLiveness())
