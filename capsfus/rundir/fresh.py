@@ -48,9 +48,11 @@ def state_is_current(state: dict | None, settings_hash: str | None,
 
 
 def stale_map(run: Run, stage_name: str, manifest: dict | None = None,
-              _memo: dict | None = None) -> dict[int, str]:
+              _memo: dict | None = None, states: dict[int, dict] | None = None
+              ) -> dict[int, str]:
     """shard -> why (a key of STALE_WHY) for every *done* shard of ``stage_name`` that is not
-    current. Follows the chain of input stages (each config's ``input_stage``)."""
+    current. Follows the chain of input stages (each config's ``input_stage``). ``states``:
+    the stage's states when the caller has read them already."""
     memo = _memo if _memo is not None else {}
     if stage_name == "input":
         return {}
@@ -66,7 +68,7 @@ def stale_map(run: Run, stage_name: str, manifest: dict | None = None,
     up_stale = stale_map(run, up, m, memo)
     up_states = StageDir(run, up).all_states() if up != "input" else {}
     out: dict[int, str] = {}
-    for shard, st in sd.all_states().items():
+    for shard, st in (states if states is not None else sd.all_states()).items():
         if st.get("status") != "done" or shard >= len(m["shards"]):
             continue
         if st.get("settings_hash") != cfg.get("settings_hash"):

@@ -73,7 +73,7 @@ def stage_status(run: Run, stage_name: str, job_alive=None, queue=None) -> dict:
     running_rate = 0.0
     rates = []
     failed, running = [], []
-    stale = stale_map(run, stage_name, manifest)
+    stale = stale_map(run, stage_name, manifest, states=states)
     for i in range(n):
         st = states.get(i)
         lease = current.get(i)
