@@ -112,3 +112,22 @@ def test_filter_after_refused_fusion_redoes_and_export_ships_new_text(tmp_path):
     rows = _export_rows(out)
     assert len(rows) == 200 and all(r["fused"] == new_fuse[r["id"]] for r in rows)
     assert all("harbour" in r["fused"] for r in rows)
+
+
+def test_a_state_from_an_older_capsfus_is_redone_not_trusted(tmp_path):
+    """A done state without input_sha256 (written before this rule) cannot be shown current:
+    it is stale (`unrecorded`) and the next run redoes that shard only."""
+    run = _make_run(tmp_path, 200, 100)
+    capsfus("fuse", run, "--engine", "echo")
+    path = run / "fuse" / "state" / "00001.json"
+    st = json.loads(path.read_text())
+    del st["input_sha256"]
+    path.write_text(json.dumps(st))
+    s = _stage(run, "fuse")
+    assert s["counts"]["stale"] == 1 and s["stale"] == [
+        {"shard": 1, "why": "unrecorded", "detail": s["stale"][0]["detail"]}]
+    log = tmp_path / "echo.log"
+    capsfus("fuse", run, "--engine", "echo", CAPSFUS_ECHO_LOG=log)
+    assert sum(echo_log_counts(log).values()) == 100
+    assert _stage(run, "fuse")["counts"]["done"] == 2
+    assert_exactly_once(run)

@@ -8,7 +8,9 @@ shard, or the final out file of the upstream stage's shard). A done shard is **s
 - ``settings``: its settings hash is not the stage's current one (``config.json``), e.g. after
   ``fuse --force --shards 0`` with new settings, the other shards are stale;
 - ``input``: the upstream shard's output is not the one it read (the upstream shard was redone,
-  or is being redone), or the state recorded no input checksum;
+  or is being redone);
+- ``unrecorded``: the state records no input checksum (made by an older capsfus): it cannot be
+  shown current, so it is redone;
 - ``upstream``: the upstream shard is itself stale (a filter over a stale fusion is stale).
 
 Status shows stale shards; a stage redoes its stale shards when rerun (and refuses to read a
@@ -25,6 +27,7 @@ STALE_WHY = {
     "settings": "made with other settings than the stage's current ones",
     "input": "made from upstream output that has changed since",
     "upstream": "read from an upstream shard that is itself stale",
+    "unrecorded": "made before capsfus recorded the checksum of the input a shard reads",
 }
 
 
@@ -83,7 +86,9 @@ def stale_map(run: Run, stage_name: str, manifest: dict | None = None,
             ust = up_states.get(shard) or {}
             want = (ust.get("final") or {}).get("out", {}).get("sha256") \
                 if ust.get("status") == "done" else None
-        if want is None or st.get("input_sha256") != want:
+        if st.get("input_sha256") is None:
+            out[shard] = "unrecorded"
+        elif want is None or st["input_sha256"] != want:
             out[shard] = "input"
     memo[stage_name] = out
     return out
