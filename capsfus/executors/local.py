@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..rundir.fresh import stale_message, state_is_current, upstream_sha
 from ..rundir.io import atomic_write_json
 from ..rundir.job import StageJob
-from ..rundir.fresh import stale_message, state_is_current, upstream_sha
 from ..rundir.lease import DEFAULT_HEARTBEAT, DEFAULT_TTL, LeaseDir
 from ..rundir.manifest import Run
 from ..rundir.runner import StageContext, run_shard
