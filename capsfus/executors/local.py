@@ -82,25 +82,30 @@ def prepare(job: StageJob, shards: list[int] | None, force: bool = False,
 
 def final_looks_done(stage: StageDir, state: dict | None, current_hash: str) -> bool:
     """A done shard as a worker's scan sees it: done with the current settings, its final
-    files present with the sizes the state lists. One stat per file, no read: the checksum
-    was verified when the final file was written (compaction), and is verified again by
-    whoever reads it (a worker that takes the shard, ``cat``, downstream stages, export).
-    Re-hashing every final on every scan read the whole output again and again (issue 13)."""
+    files present with the sizes the state lists and not modified since the state said done.
+    One stat per file, no read: the checksum was verified when the final file was written
+    (compaction), and is verified again by whoever reads it (a worker that takes the shard,
+    ``cat``, downstream stages, export). Re-hashing every final on every scan read the whole
+    output again and again (issue 13). A final whose mtime is later than the state's (written
+    over, or copied without its times) is hashed in full, as before."""
     if not state or state.get("status") != "done" or not state.get("final"):
         return False
     if state.get("settings_hash") != current_hash:
         return False
     shard = state["shard"]
+    written = state.get("finished") or state.get("updated") or 0
     for key, folder in (("out", stage.out_dir(shard)), ("rejected", stage.rejected_dir(shard))):
         meta = state["final"].get(key)
         if not meta:
             continue
         try:
-            size = os.stat(folder / meta["file"]).st_size
+            st = os.stat(folder / meta["file"])
         except OSError:
             return False
-        if meta.get("bytes") is not None and size != meta["bytes"]:
+        if meta.get("bytes") is not None and st.st_size != meta["bytes"]:
             return False
+        if st.st_mtime > written:
+            return stage.final_is_trusted(state, current_hash)
     return True
 
 
