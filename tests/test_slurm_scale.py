@@ -334,3 +334,27 @@ def test_a_refused_second_array_leaves_the_first_recorded(slurm_cluster, tmp_pat
     wait_gone(slurm_cluster, run)                  # the 6 workers of array 1 do all 12 shards
     out, rej = assert_exactly_once(run)
     assert len(out) + len(rej) == 120
+
+
+def test_silent_corruption_of_a_final_is_caught_by_its_reader_then_redone(tmp_path):
+    """Scans no longer hash finals: a flipped byte that keeps size and mtime (bit rot) is
+    found by the reader's checksum, and the next run redoes that shard (and only it)."""
+    run = make_run(tmp_path, n=40, per_shard=10)
+    capsfus("fuse", run, "--engine", "echo")
+    stage = StageDir(Run(run), "fuse")
+    final = stage.out_dir(2) / stage.read_state(2)["final"]["out"]["file"]
+    st = final.stat()
+    raw = bytearray(final.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    final.write_bytes(bytes(raw))
+    os.utime(final, ns=(st.st_atime_ns, st.st_mtime_ns))
+    log = tmp_path / "echo.log"
+    p = capsfus("fuse", run, "--engine", "echo", CAPSFUS_ECHO_LOG=log)
+    assert not log.exists()                      # the scan saw a done shard: nothing redone
+    p = capsfus("cat", run, check=False)
+    assert p.returncode == 3 and "checksum mismatch" in p.stderr and NO_TRACEBACK not in p.stderr
+    p = capsfus("fuse", run, "--engine", "echo", CAPSFUS_ECHO_LOG=log)
+    assert sum(echo_log_counts(log).values()) == 10   # shard 2 only
+    out, rej = assert_exactly_once(run)
+    assert len(out) + len(rej) == 40
+    assert not list(stage.out_dir(2).glob("*.corrupt"))
