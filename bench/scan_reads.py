@@ -84,7 +84,7 @@ def scan(stage, h: str, shards: int, check) -> tuple[int, float, int]:
 
 def measure(shards: int, rows: int, tmp: Path) -> dict:
     from capsfus.executors.local import final_looks_done
-    run, stage, h = build(tmp / "run", shards, rows)
+    _, stage, h = build(tmp / "run", shards, rows)
     output = sum(p.stat().st_size for p in (tmp / "run" / "fuse" / "out").rglob("*.zst"))
     states = sum(p.stat().st_size for p in (tmp / "run" / "fuse" / "state").glob("*.json"))
     before = scan(stage, h, shards, lambda st: stage.final_is_trusted(st, h))

@@ -16,10 +16,23 @@ from pathlib import Path
 
 import pytest
 from conftest_slurm import slurm_cluster  # noqa: F401
-from runhelp import REPO, assert_exactly_once, capsfus, echo_log_counts, env, popen, write_rows
+from runhelp import (
+    REPO,
+    assert_exactly_once,
+    capsfus,
+    echo_log_counts,
+    env,
+    popen,
+    write_rows,
+)
 
 from capsfus.executors.local import _rotate, worker_number
-from capsfus.executors.slurm import parse_spec, shard_spec, submissions, submitted_job_ids
+from capsfus.executors.slurm import (
+    parse_spec,
+    shard_spec,
+    submissions,
+    submitted_job_ids,
+)
 from capsfus.rundir.lease import LeaseDir
 from capsfus.rundir.manifest import Run
 from capsfus.rundir.stage import StageDir

@@ -134,7 +134,12 @@ def caption_cmd(run_dir, workers, **kw):
     from ..executors.local import prepare, run_local
     from ..rundir.manifest import parse_shard_spec
     from ..rundir.status import stage_status
-    from .common import StageProgress, make_console, print_stage_summary, setup_console_logging
+    from .common import (
+        StageProgress,
+        make_console,
+        print_stage_summary,
+        setup_console_logging,
+    )
     if workers < 1:
         raise UserError("--workers must be at least 1")
     console = make_console()

@@ -153,8 +153,12 @@ def resume(run_dir, stage_opt, dry_run, max_array_size, **kw):
     """
     from dataclasses import replace
 
-    from ..executors.slurm import ExecutorSettings, queued_coverage, recorded_selection, \
-        submissions
+    from ..executors.slurm import (
+        ExecutorSettings,
+        queued_coverage,
+        recorded_selection,
+        submissions,
+    )
     from ..executors.slurm_queue import JobLiveness
     from ..rundir.manifest import Run
     from ..stages import job_from_dict

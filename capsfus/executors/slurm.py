@@ -10,8 +10,14 @@ On SIGUSR2 (sent ``signal_delay_s`` before the time limit, or on preemption) sub
 ``SlurmWorker.checkpoint``: the worker abandons the chunk in flight and is requeued; the
 requeued element takes its shard over and continues after the last committed chunk.
 
-Each submission is recorded in ``RUN/<stage>/submissions/*.json`` (settings, job ids, plan;
-never a secret) so that ``resume`` can replay it.
+Each submission is recorded in ``RUN/<stage>/submissions/*.json`` (settings, job ids, plan,
+the shards asked for and those left to do; never a secret) so that ``resume`` can replay it:
+written as soon as the first array is accepted and after each further one, so a later refusal
+never leaves a running array untracked. ``resume`` covers only the recorded selections, less
+the shards of submissions whose workers are still queued.
+
+A dry run builds the same sbatch scripts without submitit's executor, so it works where there
+is no SLURM at all.
 """
 
 from __future__ import annotations
