@@ -371,3 +371,48 @@ def test_silent_corruption_of_a_final_is_caught_by_its_reader_then_redone(tmp_pa
     out, rej = assert_exactly_once(run)
     assert len(out) + len(rej) == 40
     assert not list(stage.out_dir(2).glob("*.corrupt"))
+
+
+@pytest.mark.slurm
+def test_requeued_element_takes_over_its_own_lease_from_a_dead_node(slurm_cluster, tmp_path):
+    """A node dies under an array element (its worker never releases the lease) and SLURM
+    requeues the element, which keeps its job id. The lease names the same job id on another
+    host, with a fresh heartbeat and the job RUNNING again in squeue: the requeued worker must
+    take it over at once, not after the 300 s TTL."""
+    run = make_run(tmp_path, n=200, per_shard=200)   # 1 shard
+    log = tmp_path / "echo.log"
+    e = dict(CAPSFUS_ECHO_LOG=log, CAPSFUS_ECHO_SLEEP=0.02, SLURM_CONF=slurm_cluster.conf)
+    capsfus("submit", "fuse", run, "--engine", "echo", "--chunk-size", 10, "--nodes", 1,
+            "--gpus-per-node", 0, "--time", "00:10:00", "--lease-ttl", 300, **e)
+    job = submitted_job_ids(run / "fuse")[0]
+    stage = StageDir(Run(run), "fuse")
+    deadline = time.time() + 60
+    while len((stage.read_state(0) or {}).get("chunks", [])) < 3:
+        assert time.time() < deadline, "no progress"
+        time.sleep(0.1)
+    lease_file = sorted((run / "fuse" / "leases").glob("00000.e*.json"))[-1]
+    lease = json.loads(lease_file.read_text())
+    assert lease["job_id"] == lease["worker"] == job, lease
+    # the node dies: the worker stops dead (no SIGTERM handler, no release) and its lease
+    # says it was on another host
+    os.kill(lease["pid"], signal.SIGSTOP)
+    lease.update(host="node-that-died", heartbeat=time.time())
+    lease_file.write_text(json.dumps(lease))
+    os.kill(lease["pid"], signal.SIGKILL)
+    deadline = time.time() + 30
+    while True:
+        r = slurm_cluster.run("scontrol", "requeue", job, check=False)
+        if r.returncode == 0:
+            break
+        assert time.time() < deadline, r.stderr
+        time.sleep(0.5)
+    time.sleep(0.5)
+    slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+    t0 = time.time()
+    wait_gone(slurm_cluster, run, timeout=150)
+    assert time.time() - t0 < 120            # well under the 300 s TTL
+    out, rej = assert_exactly_once(run)
+    assert len(out) + len(rej) == 200
+    st = stage.read_state(0)
+    assert st["epoch"] >= 2 and st["owner"]["job_id"] == job
+    assert sum(echo_log_counts(log).values()) - 200 <= 2 * 10
