@@ -53,9 +53,9 @@ def prepare(job: StageJob, shards: list[int] | None, force: bool = False,
     stage config: done once, before any worker starts.
 
     ``dry_run``: the same checks and the same refusal (settings diff, --force/--tag advice), but
-    nothing is written. A revision the job could not resolve without downloading (None) is
-    taken from the stage's config when the model is the same, so the plan compares like with
-    like."""
+    nothing is written. A revision the job could not resolve without downloading (None: a Hub
+    model not in the local cache) is taken from the stage's config, so the plan compares like
+    with like (a changed model still shows in the diff)."""
     run = Run(Path(job.run_dir))
     manifest = run.manifest()
     if not manifest["shards"]:
@@ -65,9 +65,10 @@ def prepare(job: StageJob, shards: list[int] | None, force: bool = False,
     stage = StageDir(run, job.stage)
     if dry_run:
         old = stage.config()
-        if old and settings.get("revision") is None and "revision" in settings and \
-                (old.get("settings") or {}).get("model") == settings.get("model"):
-            settings = {**settings, "revision": old["settings"].get("revision")}
+        recorded = (old or {}).get("settings") or {}
+        for key in [k for k, v in settings.items() if "revision" in k and v is None]:
+            if recorded.get(key) is not None:   # a Hub model not in the local cache
+                settings = {**settings, key: recorded[key]}
         h = settings_hash(settings)
         # ensure_config writes only when there is no config, or with force and a change:
         # elsewhere it returns the hash or refuses, exactly as the real command does
