@@ -344,6 +344,10 @@ def test_a_refused_second_array_leaves_the_first_recorded(slurm_cluster, tmp_pat
     assert len(submitted_job_ids(run / "fuse")) == 6
     st = json.loads(capsfus("status", run, "--json", SLURM_CONF=slurm_cluster.conf).stdout)
     assert st["stages"][0]["slurm"]["submitted"] == 6
+    (partial,) = st["stages"][0]["slurm"]["partly_refused"]
+    assert partial["arrays"] == 1 and partial["planned"] == 2
+    text = " ".join(capsfus("status", run, SLURM_CONF=slurm_cluster.conf).stdout.split())
+    assert "1 of 2 array(s) accepted, then sbatch refused" in text
     wait_gone(slurm_cluster, run)                  # the 6 workers of array 1 do all 12 shards
     out, rej = assert_exactly_once(run)
     assert len(out) + len(rej) == 120

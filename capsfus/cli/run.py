@@ -310,6 +310,10 @@ def status(run_dir, stage_opt, as_json):
                 console.print(f"  SLURM: {sl['submitted']} worker job(s) submitted; in squeue: "
                               + (", ".join(f"{k} {v}" for k, v in sorted(by_state.items()))
                                  or "none"))
+                for pr in sl.get("partly_refused", []):
+                    console.print(f"  SLURM: submission of {pr['time']}: {pr['arrays']} of "
+                                  f"{pr['planned']} array(s) accepted, then sbatch refused: "
+                                  f"{pr['refused']}", markup=False, highlight=False)
         for r in s["running"][:20]:
             rate = f", {r['rows_per_s']:.2f} rows/s" if r.get("rows_per_s") else ""
             console.print(f"  shard {r['shard']} running: {r['rows_done']:,}/{r['rows']:,} rows"

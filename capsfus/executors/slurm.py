@@ -325,8 +325,11 @@ def slurm_jobs(stage_root: Path) -> dict | None:
     except UserError as e:
         return {"error": str(e)}
     wanted = set(ids) | {i.split("_")[0] for i in ids}
+    partial = [{"time": r.get("time"), "arrays": len(r.get("arrays", [])),
+                "planned": len(r.get("planned_arrays", [])), "refused": r["refused"]}
+               for r in submissions(stage_root) if r.get("refused")]
     return {"jobs": {j: st for j, st in live.items() if j in wanted or j.split("_")[0] in wanted},
-            "submitted": len(ids)}
+            "submitted": len(ids), **({"partly_refused": partial} if partial else {})}
 
 
 def recorded_selection(recs: list[dict], n_shards: int) -> list[int]:
