@@ -420,3 +420,20 @@ def test_requeued_element_takes_over_its_own_lease_from_a_dead_node(slurm_cluste
     st = stage.read_state(0)
     assert st["epoch"] >= 2 and st["owner"]["job_id"] == job
     assert sum(echo_log_counts(log).values()) - 200 <= 2 * 10
+
+
+@pytest.mark.slurm
+def test_submit_from_a_host_without_srun_says_so_in_one_line(slurm_cluster, tmp_path):
+    """scontrol answers (a cluster is configured) but submitit cannot find `srun`."""
+    import shutil
+    run = make_run(tmp_path, n=20, per_shard=10)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for cmd in ("scontrol", "squeue", "sbatch"):
+        (bindir / cmd).symlink_to(shutil.which(cmd, path=slurm_cluster.env["PATH"]))
+    p = capsfus("submit", "fuse", run, "--engine", "echo", check=False,
+                SLURM_CONF=slurm_cluster.conf, PATH=bindir)
+    assert p.returncode == 2 and NO_TRACEBACK not in p.stderr, p.stderr
+    (line,) = error_lines(p.stderr)
+    assert "no SLURM cluster found" in line and "srun" in line and "cluster.sh" in line
+    assert not submissions(run / "fuse")

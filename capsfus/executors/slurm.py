@@ -269,6 +269,10 @@ def submit(prep: Prepared, es: ExecutorSettings, run_id: str, *, dry_run: bool =
             continue
         try:
             ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=1000)
+        except RuntimeError as e:   # submitit finds no `srun` on PATH
+            from .slurm_queue import NO_CLUSTER_HINT, NoCluster
+            raise NoCluster(f"no SLURM cluster found ({e}); {NO_CLUSTER_HINT}") from None
+        try:
             ex.update_parameters(**params)
             jobs = ex.map_array(worker, range(first, first + size))
         except Exception as e:  # sbatch said no: partition, account, limits…
