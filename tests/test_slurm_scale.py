@@ -437,3 +437,15 @@ def test_submit_from_a_host_without_srun_says_so_in_one_line(slurm_cluster, tmp_
     (line,) = error_lines(p.stderr)
     assert "no SLURM cluster found" in line and "srun" in line and "cluster.sh" in line
     assert not submissions(run / "fuse")
+
+
+def test_train_submit_dry_run_without_slurm(tmp_path, tiny_llama_dir):
+    """`submit train --dry-run` builds its sbatch script the same way: no SLURM needed."""
+    from test_train import fusion_rows, write_jsonl
+    src = write_jsonl(tmp_path / "rows.jsonl", fusion_rows()[:40])
+    p = cli_no_cluster("submit", "train", "--data", src, "--base-model", tiny_llama_dir,
+                       "--output", tmp_path / "o", "--nodes", 2, "--gpus-per-node", 8,
+                       "--eval-fraction", 0.2, "--dry-run", path="/nonexistent")
+    assert p.returncode == 0 and NO_TRACEBACK not in p.stderr, p.stderr[-2000:]
+    assert "#SBATCH --nodes=2" in p.stdout and "#SBATCH --gres=gpu:8" in p.stdout
+    assert "submitit.core._submit" in p.stdout
