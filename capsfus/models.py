@@ -13,6 +13,8 @@ string to record, so that the settings hash changes whenever the model does.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import re
 from pathlib import Path
@@ -24,6 +26,22 @@ SAMPLE = 64 * 1024
 # What from_pretrained reads besides the weights: configs, tokenizer files, chat templates,
 # remote code.
 SIDE_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"]
+
+
+_CACHE_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("capsfus_cache_only",
+                                                                   default=False)
+
+
+@contextlib.contextmanager
+def cache_only():
+    """Within this block a Hub id is resolved from the local HF cache only, never downloaded;
+    one that is not cached resolves to revision None (a dry run plans without fetching a
+    model: the real submission resolves it)."""
+    token = _CACHE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _CACHE_ONLY.reset(token)
 
 
 def folder_digest(folder: Path) -> str:
@@ -68,6 +86,13 @@ def _resolve_hub(repo: str, revision: str | None, gguf_file: str | None) -> tupl
         RevisionNotFoundError,
     )
 
+    if _CACHE_ONLY.get():
+        try:
+            folder = snapshot_download(repo, revision=revision, local_files_only=True,
+                                       allow_patterns=SIDE_FILES)
+            return folder, Path(folder).name
+        except Exception:   # not cached (or not reachable): the real submission resolves it
+            return repo, None
     at = f" at revision {revision}" if revision else ""
     cli_rev = f" --revision {revision}" if revision else ""
     weights = [gguf_file] if gguf_file else ["*.safetensors"]

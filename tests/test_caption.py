@@ -646,8 +646,16 @@ def test_submit_caption_on_slurm_then_resume_rebuilds_it(slurm_cluster, tmp_path
     wait_jobs(slurm_cluster, run, stage="caption", timeout=240)
     stage = StageDir(Run(run), "caption")
     assert sorted(stage.all_states()) == [0, 1]
+    # resume relaunches only shards some submission asked for (issue 13): ask for shard 2 in
+    # a submission that is cancelled before it starts
+    capsfus("submit", "caption", run, "--model", blip_dir, "--chunk-size", 4, *FAST,
+            "--shards", "2", "--time", "00:10:00", "--slurm-arg", "begin=now+3600",
+            SLURM_CONF=slurm_cluster.conf)
+    capsfus("cancel", run, "--stage", "caption", SLURM_CONF=slurm_cluster.conf)
+    wait_jobs(slurm_cluster, run, stage="caption", timeout=60)
     # resume rebuilds the recorded job (job_from_dict) and runs what is left: shard 2
-    p = capsfus("resume", run, "--stage", "caption", SLURM_CONF=slurm_cluster.conf)
+    p = capsfus("resume", run, "--stage", "caption", "--slurm-arg", "begin=now",
+                SLURM_CONF=slurm_cluster.conf)
     assert "1 shard(s) to do" in p.stdout + p.stderr
     wait_jobs(slurm_cluster, run, stage="caption", timeout=240)
     out, rej = assert_exactly_once(run, "caption")

@@ -134,7 +134,12 @@ def caption_cmd(run_dir, workers, **kw):
     from ..executors.local import prepare, run_local
     from ..rundir.manifest import parse_shard_spec
     from ..rundir.status import stage_status
-    from .common import StageProgress, make_console, print_stage_summary, setup_console_logging
+    from .common import (
+        StageProgress,
+        make_console,
+        print_stage_summary,
+        setup_console_logging,
+    )
     if workers < 1:
         raise UserError("--workers must be at least 1")
     console = make_console()
@@ -165,18 +170,14 @@ def submit_caption_cmd(executor_options):
         """Caption RUN_DIR on a SLURM cluster: one model per worker (one GPU each with
         --gpus-per-node), workers pull shards. The models are resolved (and downloaded, for
         Hub ids) here, before submission, so compute nodes can run offline."""
-        from ..executors.local import Prepared, prepare
         from ..executors.slurm import ExecutorSettings
         from ..rundir.manifest import parse_shard_spec
-        from .common import executor_kwargs, make_console, only_todo, submit_and_report
+        from .common import executor_kwargs, make_console, plan_and_submit
         console = make_console()
         run, manifest, job = _caption_job(run_dir, kw)
         es = ExecutorSettings(**executor_kwargs(kw), lease_ttl=kw["lease_ttl"])
         selected = parse_shard_spec(kw["shards"], len(manifest["shards"]))
-        if dry_run:
-            prep = Prepared(job, "dry-run", "input", selected)
-        else:
-            prep = only_todo(run, prepare(job, selected, force=kw["force"]))
-        submit_and_report(console, prep, es, manifest, dry_run, max_array_size)
+        plan_and_submit(console, run, manifest, job, selected, es, dry_run=dry_run,
+                        max_array_size=max_array_size, force=kw["force"])
 
     return submit_caption

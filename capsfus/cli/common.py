@@ -242,11 +242,33 @@ def fuse_job(run_dir, tag, chunk_size, max_attempts, kw):
         raise UserError("--chunk-size must be at least 1")
     run = Run(Path(run_dir).resolve())  # workers and logs get absolute paths
     manifest = run.manifest()
+    kw = recorded_model(run, stage_name("fuse", tag), kw)
     template = PromptTemplate.from_file(kw["prompt_file"]) if kw.get("prompt_file") \
         else PromptTemplate()
     job = FuseJob(run_dir=str(run.root), stage=stage_name("fuse", tag), spec=spec_from(kw),
                   template=template, chunk_size=chunk_size, max_attempts=max_attempts)
     return run, manifest, job
+
+
+def recorded_model(run, stage: str, kw: dict) -> dict:
+    """Without --model, a stage that exists keeps its model: the recorded one (and its GGUF
+    file and Hub revision unless given), so `submit fuse RUN` / `resume` need no --model."""
+    if kw.get("model") or kw.get("engine") == "echo":
+        return kw
+    from ..rundir.stage import StageDir
+    rec = ((StageDir(run, stage).config() or {}).get("settings") or {})
+    model = rec.get("model")
+    if not model or model == "echo":
+        return kw
+    kw = {**kw, "model": model}
+    if not kw.get("gguf_file") and rec.get("gguf_file"):
+        kw["gguf_file"] = rec["gguf_file"]
+    rev = rec.get("revision")
+    if not kw.get("revision") and rev and not str(rev).startswith("local:") \
+            and not Path(model).expanduser().is_dir():
+        kw["revision"] = rev    # the same Hub commit, not whatever main is today
+    make_console().print(f"model {model} (recorded in {run.root / stage / 'config.json'})")
+    return kw
 
 
 def print_stage_summary(console, run, name: str, summaries: list[dict]) -> None:
@@ -347,22 +369,55 @@ def print_submission(console, rec: dict, shards_todo: int) -> None:
                   f"{arrays or 'none'}; MaxArraySize {rec['max_array_size']}")
 
 
-def submit_and_report(console, prep, es, manifest, dry_run, max_array_size):
+def submit_and_report(console, prep, es, manifest, dry_run, max_array_size, selection=None,
+                      skipped: dict | None = None):
     from ..executors.slurm import submit
-    rec = submit(prep, es, manifest["run_id"], dry_run=dry_run, max_array_size=max_array_size)
+    left = ", ".join(f"{v} {k}" for k, v in (skipped or {}).items() if v)
+    if not prep.shards:
+        console.print(f"nothing to {'plan' if dry_run else 'submit'} for {prep.job.stage}: "
+                      f"every selected shard is done, held by a live worker or covered by a "
+                      f"queued job{f' ({left})' if left else ''} (`capsfus status "
+                      f"{prep.job.run_dir}`)")
+        return None
+    rec = submit(prep, es, manifest["run_id"], dry_run=dry_run, max_array_size=max_array_size,
+                 selection=selection)
     if dry_run:
         for i, script in enumerate(rec["scripts"]):
             click.echo(f"# ---- sbatch script {i + 1}/{len(rec['scripts'])} ----")
             click.echo(script)
     print_submission(console, rec, len(prep.shards))
+    if left:
+        console.print(f"  left out: {left}")
+    if rec.get("note"):
+        console.print(rec["note"])
     if not dry_run:
         console.print(f"follow it with `capsfus status {prep.job.run_dir}`; rerun what fails "
                       f"with `capsfus resume {prep.job.run_dir}`")
     return rec
 
 
-def only_todo(run, prep, job_alive=None):
-    """The shards of ``prep`` not done and not held by a live worker."""
+def plan_and_submit(console, run, manifest, job, selected, es, *, dry_run, max_array_size,
+                    force=False, job_alive=None, covered=None, selection=None):
+    """What `submit` and `resume` share, dry or not: the same settings check (a dry run
+    refuses exactly as the real command would, and writes nothing), the same shards to do
+    (done ones, those held by a live worker and those a queued job will take are left out),
+    then submit or print the plan."""
+    import contextlib
+
+    from ..executors.local import prepare
+    from ..models import cache_only
+    with cache_only() if dry_run else contextlib.nullcontext():
+        prep = prepare(job, selected, force=force, dry_run=dry_run)
+    skipped: dict = {}
+    prep = only_todo(run, prep, job_alive=job_alive, covered=covered, skipped=skipped)
+    return submit_and_report(console, prep, es, manifest, dry_run, max_array_size,
+                             selection=selected if selection is None else selection,
+                             skipped=skipped)
+
+
+def only_todo(run, prep, job_alive=None, covered=None, skipped: dict | None = None):
+    """The shards of ``prep`` not done, not held by a live worker and not ``covered`` (by
+    workers still queued that will take them). ``skipped`` gets the counts left out."""
     from dataclasses import replace
 
     from ..rundir.fresh import stale_map
@@ -374,13 +429,22 @@ def only_todo(run, prep, job_alive=None):
     leases = LeaseDir(stage.root / "leases", job_alive=job_alive)
     current = leases.scan()
     now = time.time()
+    covered = set(covered or ())
     todo = []
+    counts = {"done": 0, "held by a live worker": 0, "covered by queued jobs": 0}
     for i in prep.shards:
         st = stage.read_state(i)
         s = shard_status(st, current.get(i), leases, now, stale=i in stale)
         if s == "done" and st.get("settings_hash") == prep.settings_hash:
+            counts["done"] += 1
             continue
         if s == "running":
+            counts["held by a live worker"] += 1
+            continue
+        if i in covered:
+            counts["covered by queued jobs"] += 1
             continue
         todo.append(i)
+    if skipped is not None:
+        skipped.update(counts)
     return replace(prep, shards=todo)

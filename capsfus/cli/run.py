@@ -20,11 +20,10 @@ from .common import (
     fuse_stage_options,
     ingest_with_progress,
     make_console,
-    only_todo,
+    plan_and_submit,
     preset_option,
     print_stage_summary,
     setup_console_logging,
-    submit_and_report,
 )
 
 
@@ -128,21 +127,16 @@ def submit_fuse(run_dir, shards, chunk_size, tag, force, max_attempts, lease_ttl
     The model is resolved (and downloaded, for a Hub id) here, before submission: compute
     nodes can then run offline (HF_HUB_OFFLINE=1).
     """
-    from ..executors.local import prepare
     from ..executors.slurm import ExecutorSettings
     from ..rundir.manifest import parse_shard_spec
     console = make_console()
     run, manifest, job = fuse_job(run_dir, tag, chunk_size, max_attempts, kw)
     es = ExecutorSettings(**executor_kwargs(kw), lease_ttl=lease_ttl)
     selected = parse_shard_spec(shards, len(manifest["shards"]))
-    if dry_run:
-        # no config is written and no model downloaded for a dry run
-        from ..executors.local import Prepared
-        prep = Prepared(job, "dry-run", "input", selected)
-    else:
-        prep = prepare(job, selected, force=force)
-        prep = only_todo(run, prep)
-    submit_and_report(console, prep, es, manifest, dry_run, max_array_size)
+    # a dry run takes the same path: same settings check and refusal, same shards to do;
+    # it writes nothing and downloads no model
+    plan_and_submit(console, run, manifest, job, selected, es, dry_run=dry_run,
+                    max_array_size=max_array_size, force=force)
 
 
 @click.command(context_settings=CONTEXT)
@@ -159,8 +153,12 @@ def resume(run_dir, stage_opt, dry_run, max_array_size, **kw):
     """
     from dataclasses import replace
 
-    from ..executors.local import prepare
-    from ..executors.slurm import ExecutorSettings, submissions
+    from ..executors.slurm import (
+        ExecutorSettings,
+        queued_coverage,
+        recorded_selection,
+        submissions,
+    )
     from ..executors.slurm_queue import JobLiveness
     from ..rundir.manifest import Run
     from ..stages import job_from_dict
@@ -182,13 +180,14 @@ def resume(run_dir, stage_opt, dry_run, max_array_size, **kw):
         from ..engines.openai_client import runtime_endpoint
         runtime_endpoint(spec.endpoint)
     es = ExecutorSettings.from_dict({**last["executor"], **executor_kwargs(kw)})
-    prep = prepare(job, None)
-    prep = only_todo(run, prep, job_alive=JobLiveness())
-    if not prep.shards:
-        console.print(f"nothing to resume in {stage_opt}: every shard is done or held by a "
-                      f"live worker (`capsfus status {run_dir}`)")
-        return
-    submit_and_report(console, prep, es, manifest, dry_run, max_array_size)
+    # only what was asked (the recorded selections), less what queued jobs will still take
+    selection = recorded_selection(recs, len(manifest["shards"]))
+    covered = queued_coverage(recs, quiet=dry_run)
+    rec = plan_and_submit(console, run, manifest, job, selection, es, dry_run=dry_run,
+                          max_array_size=max_array_size, job_alive=JobLiveness(),
+                          covered=covered)
+    if rec is None:
+        console.print(f"nothing to resume in {stage_opt} (`capsfus status {run_dir}`)")
 
 
 @click.command(context_settings=CONTEXT)
@@ -319,6 +318,10 @@ def status(run_dir, stage_opt, as_json):
                 console.print(f"  SLURM: {sl['submitted']} worker job(s) submitted; in squeue: "
                               + (", ".join(f"{k} {v}" for k, v in sorted(by_state.items()))
                                  or "none"))
+                for pr in sl.get("partly_refused", []):
+                    console.print(f"  SLURM: submission of {pr['time']}: {pr['arrays']} of "
+                                  f"{pr['planned']} array(s) accepted, then sbatch refused: "
+                                  f"{pr['refused']}", markup=False, highlight=False)
         for r in s["running"][:20]:
             rate = f", {r['rows_per_s']:.2f} rows/s" if r.get("rows_per_s") else ""
             console.print(f"  shard {r['shard']} running: {r['rows_done']:,}/{r['rows']:,} rows"
@@ -399,7 +402,6 @@ def submit_filter(run_dir, config_file, fused_col, from_stage, tag, shards, chun
     Same rules and outputs as `capsfus filter`; when the jobs are done, `capsfus filter
     RUN_DIR` (a no-op for finished shards) prints and writes the report.
     """
-    from ..executors.local import Prepared, prepare
     from ..executors.slurm import ExecutorSettings
     from .quality import filter_job
     console = make_console()
@@ -407,8 +409,5 @@ def submit_filter(run_dir, config_file, fused_col, from_stage, tag, shards, chun
         console, run_dir, (), None, 100_000, None, None, None, None, fused_col, config_file,
         from_stage, tag, shards, chunk_size)
     es = ExecutorSettings(**executor_kwargs(kw), lease_ttl=lease_ttl)
-    if dry_run:
-        prep = Prepared(job, "dry-run", job.input_stage(run), selected)
-    else:
-        prep = only_todo(run, prepare(job, selected, force=force))
-    submit_and_report(console, prep, es, manifest, dry_run, max_array_size)
+    plan_and_submit(console, run, manifest, job, selected, es, dry_run=dry_run,
+                    max_array_size=max_array_size, force=force)

@@ -246,9 +246,8 @@ def add_train_commands(main, submit, executor_options, executor_kwargs) -> None:
 def submit_job(job, es, dry_run: bool = False) -> dict:
     """One SLURM job of nodes x tasks-per-node tasks, each running one rank."""
     import submitit
-    from submitit.slurm.slurm import _make_sbatch_string
 
-    from ..executors.slurm import submitit_parameters
+    from ..executors.slurm import dry_run_sbatch, submitit_parameters
     from ..rundir.io import atomic_write_json
     from ..train.launch import TrainTask
     out = Path(job.output)
@@ -259,14 +258,17 @@ def submit_job(job, es, dry_run: bool = False) -> dict:
     if es.gpus_per_node:
         p["gres"] = f"gpu:{es.gpus_per_node}"
         p["cpus_per_task"] = es.cpus_per_gpu
-    ex = submitit.SlurmExecutor(folder=out / "slurm" / "%j", max_num_timeout=1000)
-    ex.update_parameters(**p)
     rec = {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "executor": es.to_dict(), "world_size": job.world_size, "dry_run": dry_run}
-    if dry_run:
-        rec["script"] = _make_sbatch_string(command=ex._submitit_command_str,
-                                            folder=ex.folder, **dict(ex.parameters))
+    if dry_run:   # built without submitit's executor, which needs `srun`: works anywhere
+        rec["script"] = dry_run_sbatch(out / "slurm" / "%j", p, 1)
         return rec
+    try:
+        ex = submitit.SlurmExecutor(folder=out / "slurm" / "%j", max_num_timeout=1000)
+    except RuntimeError as e:   # no `srun` here
+        from ..executors.slurm_queue import NO_CLUSTER_HINT
+        raise UserError(f"no SLURM cluster found ({e}); {NO_CLUSTER_HINT}") from None
+    ex.update_parameters(**p)
     try:
         j = ex.submit(TrainTask(str(out)))
     except Exception as e:

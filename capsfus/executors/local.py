@@ -10,6 +10,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import signal
 import socket
 import time
@@ -23,7 +24,7 @@ from ..rundir.job import StageJob
 from ..rundir.lease import DEFAULT_HEARTBEAT, DEFAULT_TTL, LeaseDir
 from ..rundir.manifest import Run
 from ..rundir.runner import StageContext, run_shard
-from ..rundir.stage import StageDir
+from ..rundir.stage import StageDir, settings_hash
 
 log = logging.getLogger("capsfus.worker")
 
@@ -47,9 +48,15 @@ class Prepared:
     shards: list[int]
 
 
-def prepare(job: StageJob, shards: list[int] | None, force: bool = False) -> Prepared:
+def prepare(job: StageJob, shards: list[int] | None, force: bool = False,
+            dry_run: bool = False) -> Prepared:
     """Resolves the job (e.g. the model's revision), applies the settings rule and writes the
-    stage config: done once, before any worker starts."""
+    stage config: done once, before any worker starts.
+
+    ``dry_run``: the same checks and the same refusal (settings diff, --force/--tag advice), but
+    nothing is written. A revision the job could not resolve without downloading (None: a Hub
+    model not in the local cache) is taken from the stage's config, so the plan compares like
+    with like (a changed model still shows in the diff)."""
     run = Run(Path(job.run_dir))
     manifest = run.manifest()
     if not manifest["shards"]:
@@ -62,20 +69,69 @@ def prepare(job: StageJob, shards: list[int] | None, force: bool = False) -> Pre
                                                                 f", and ")
         if msg:
             raise UserError(msg)
-    h = StageDir(run, job.stage).ensure_config(manifest["run_id"], input_stage, settings, force)
+    stage = StageDir(run, job.stage)
+    if dry_run:
+        old = stage.config()
+        recorded = (old or {}).get("settings") or {}
+        for key in [k for k, v in settings.items() if "revision" in k and v is None]:
+            if recorded.get(key) is not None:   # a Hub model not in the local cache
+                settings = {**settings, key: recorded[key]}
+        h = settings_hash(settings)
+        # ensure_config writes only when there is no config, or with force and a change:
+        # elsewhere it returns the hash or refuses, exactly as the real command does
+        if old is not None and (not force or old.get("settings_hash") == h):
+            h = stage.ensure_config(manifest["run_id"], input_stage, settings, force)
+    else:
+        h = stage.ensure_config(manifest["run_id"], input_stage, settings, force)
     if shards is None:
         shards = list(range(len(manifest["shards"])))
     return Prepared(job, h, input_stage, shards)
 
 
+def final_looks_done(stage: StageDir, state: dict | None, current_hash: str) -> bool:
+    """A done shard as a worker's scan sees it: done with the current settings, its final
+    files present with the sizes the state lists and not modified since the state said done.
+    One stat per file, no read: the checksum was verified when the final file was written
+    (compaction), and is verified again by whoever reads it (a worker that takes the shard,
+    ``cat``, downstream stages, export). Re-hashing every final on every scan read the whole
+    output again and again (issue 13). A final whose mtime is later than the state's (written
+    over, or copied without its times) is hashed in full, as before."""
+    if not state or state.get("status") != "done" or not state.get("final"):
+        return False
+    if state.get("settings_hash") != current_hash:
+        return False
+    shard = state["shard"]
+    written = state.get("finished") or state.get("updated") or 0
+    for key, folder in (("out", stage.out_dir(shard)), ("rejected", stage.rejected_dir(shard))):
+        meta = state["final"].get(key)
+        if not meta:
+            continue
+        try:
+            st = os.stat(folder / meta["file"])
+        except OSError:
+            return False
+        if meta.get("bytes") is not None and st.st_size != meta["bytes"]:
+            return False
+        if st.st_mtime > written:
+            return stage.final_is_trusted(state, current_hash)
+    return True
+
+
 def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
                 heartbeat: float = DEFAULT_HEARTBEAT, child: bool = False,
-                job_alive=None) -> dict:
+                job_alive=None, index: int | None = None, workers: int | None = None) -> dict:
     """One worker: load the engine once, then lease and run shards until none is left.
 
     Passes over the shard list repeat while the last pass ran something, so a shard whose
-    holder died while this worker was busy elsewhere is taken over; a worker stops when a
-    whole pass finds nothing to do (every shard done, held by a live worker, or failed here).
+    holder died while this worker was busy elsewhere is taken over. When a pass finds only
+    shards held by others (busy), the worker does not exit at once: their holder may still
+    die (a node failure, a requeue) and leave the shard to nobody, so it polls until they are
+    done, or until ``lease_ttl`` passes with nothing to run (by then a dead holder's lease has
+    expired and been taken over, or a live holder is making progress). It stops when a pass
+    finds nothing to do (every shard done or failed here) or that wait runs out.
+
+    ``index`` of ``workers``: this worker's place among all workers of the submission, so
+    workers start at evenly spread places in the shard list.
     """
     if child:
         die_with_parent()
@@ -106,21 +162,28 @@ def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
     summary = {"worker": worker_id, "host": socket.gethostname(), "pid": os.getpid(),
                "cuda_visible_devices": devices, "engine": opened.describe,
                "runtime": opened.runtime, "load_s": round(load_s, 3), "gen_s": 0.0,
-               "busy_wall_s": 0.0, "shards": {}}
+               "busy_wall_s": 0.0, "shards": {}, "waited_s": 0.0}
     t_loaded = time.time()
     failed_here: set[int] = set()
+    order = _rotate(prep.shards, worker_id, index, workers)
+    poll = max(0.2, min(heartbeat, lease_ttl / 10, 10.0))
+    idle_since: float | None = None
     while True:
         ran = False
-        for shard in _rotate(prep.shards, worker_id):
+        busy = 0
+        for shard in order:
             if shard in failed_here:
                 continue
             st = stage.read_state(shard)
-            if st and st.get("status") == "done" and state_is_current(
+            if final_looks_done(stage, st, prep.settings_hash) and state_is_current(
                     st, prep.settings_hash, upstream_sha(run, ctx.manifest, prep.input_stage,
-                                                         shard)) and stage.final_is_trusted(
-                    st, prep.settings_hash) and not stage.has_leftovers(shard, st):
+                                                         shard)) and \
+                    not stage.has_leftovers(shard, st):
                 continue
             res = run_shard(ctx, shard)
+            if res.status == "busy":
+                busy += 1
+                continue
             summary["shards"][str(shard)] = res.status
             summary["gen_s"] += res.gen_seconds
             ran |= res.status in ("done", "failed", "fenced")
@@ -134,8 +197,23 @@ def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
             summary["generation_share"] = round(summary["gen_s"] / summary["busy_wall_s"], 4) \
                 if summary["busy_wall_s"] else None
             atomic_write_json(logs / f"worker-{worker_id}.json", summary)
-        if not ran:
+        if ran:
+            idle_since = None
+            continue
+        if not busy:
             break
+        # only shards held by others are left: wait for them (their holder may still fail)
+        now = time.time()
+        if idle_since is None:
+            idle_since = now
+            log.info("worker %s: %d shard(s) held by other workers; waiting up to %.0fs in "
+                     "case a holder dies", worker_id, busy, lease_ttl)
+        if now - idle_since >= lease_ttl:
+            log.info("worker %s: %d shard(s) still held by live workers after %.0fs: leaving "
+                     "them to their holders", worker_id, busy, lease_ttl)
+            break
+        time.sleep(poll)
+        summary["waited_s"] = round(summary["waited_s"] + poll, 3)
     # also when this worker found nothing left to do (the others were faster): every worker
     # that started leaves its summary
     atomic_write_json(logs / f"worker-{worker_id}.json", summary)
@@ -146,21 +224,42 @@ def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
     return summary
 
 
-def _rotate(shards: list[int], worker_id: str) -> list[int]:
-    """Workers start at different places in the shard list so they rarely race for a lease."""
-    try:
-        k = int(worker_id.rsplit("-", 1)[-1])
-    except ValueError:
-        k = 0
+_GOLDEN = (5 ** 0.5 - 1) / 2
+
+
+def worker_number(worker_id: str) -> int:
+    """The trailing number of a worker id: ``987654_17`` (a SLURM array element) -> 17,
+    ``host-1234-3`` (a local worker) -> 3, anything else -> 0."""
+    m = re.search(r"(\d+)$", worker_id)
+    if not m:
+        return 0
+    head = worker_id[:m.start()]
+    return int(m.group(1)) if head.endswith(("_", "-")) else 0
+
+
+def _rotate(shards: list[int], worker_id: str, index: int | None = None,
+            workers: int | None = None) -> list[int]:
+    """Workers start at different places in the shard list so they rarely race for a lease.
+
+    With ``index`` of ``workers`` known (SLURM arrays pass their global element number, local
+    pools their worker number), worker k starts at ``k * n / workers``: evenly spread, and all
+    different while workers <= shards. Otherwise the worker id's trailing number k (the array
+    task id) picks ``frac(k * golden ratio) * n``, a low-discrepancy spread for any count."""
     n = len(shards)
     if n == 0:
         return shards
-    off = (k * max(1, n // 8)) % n
+    if index is not None and workers:
+        off = (index % workers) * n // workers
+    else:
+        k = worker_number(worker_id)
+        off = int(((k * _GOLDEN) % 1.0) * n) % n
     return shards[off:] + shards[:off]
 
 
-def _child_entry(prep: Prepared, worker_id: str, lease_ttl: float, heartbeat: float) -> None:
-    worker_main(prep, worker_id, lease_ttl, heartbeat, child=True)
+def _child_entry(prep: Prepared, worker_id: str, lease_ttl: float, heartbeat: float,
+                 index: int = 0, workers: int = 1) -> None:
+    worker_main(prep, worker_id, lease_ttl, heartbeat, child=True, index=index,
+                workers=workers)
 
 
 def run_local(prep: Prepared, workers: int = 1, lease_ttl: float = DEFAULT_TTL,
@@ -170,7 +269,8 @@ def run_local(prep: Prepared, workers: int = 1, lease_ttl: float = DEFAULT_TTL,
     if workers <= 1:
         return [worker_main(prep, f"{tag}-0", lease_ttl, heartbeat)]
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_child_entry, args=(prep, f"{tag}-{i}", lease_ttl, heartbeat),
+    procs = [ctx.Process(target=_child_entry, args=(prep, f"{tag}-{i}", lease_ttl, heartbeat, i,
+                                                           workers),
                          name=f"capsfus-worker-{i}") for i in range(workers)]
     for p in procs:
         p.start()

@@ -14,17 +14,35 @@ from ..errors import UserError
 _RANGE_RE = re.compile(r"^(\d+)_\[([^\]]+)\]$")
 
 
+NO_CLUSTER_HINT = ("on a SLURM login node check `scontrol ping`; for the local test cluster run "
+                   "`bash slurm/cluster.sh start` and `eval \"$(bash slurm/cluster.sh env)\"`")
+# what the SLURM commands say when there is no controller to talk to
+_UNREACHABLE = ("Could not establish a configuration source", "Unable to contact slurm",
+                "Unable to process configuration file", "Connection refused",
+                "Zero Bytes were transmitted", "Socket timed out")
+
+
+class NoCluster(UserError):
+    """No SLURM cluster here: the commands are missing, or no controller can be reached."""
+
+
 def _run(args: list[str], timeout: float = 30) -> str:
     if shutil.which(args[0]) is None:
-        raise UserError(f"`{args[0]}` not found: is this a SLURM login node? (for a local test "
-                        f"cluster see slurm/README.md)")
+        raise NoCluster(f"no SLURM cluster found: `{args[0]}` is not installed here; "
+                        f"{NO_CLUSTER_HINT}")
     try:
         p = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise UserError(f"`{' '.join(args)}` did not answer within {timeout:.0f}s: the SLURM "
                         f"controller may be down or overloaded; try again") from None
+    # scontrol may print "fatal" and still exit 0
+    msg = [ln for ln in (p.stderr or p.stdout or "").strip().splitlines() if ln.strip()]
+    text = "\n".join(msg)
+    if any(k in text for k in _UNREACHABLE) and (p.returncode != 0 or "fatal" in text):
+        last = next((ln for ln in reversed(msg) if "fatal" in ln), msg[-1])
+        raise NoCluster(f"no SLURM cluster reachable (`{' '.join(args[:2])}`: {last.strip()});"
+                        f" {NO_CLUSTER_HINT}")
     if p.returncode != 0:
-        msg = (p.stderr or p.stdout).strip().splitlines()
         raise UserError(f"`{' '.join(args[:2])}` failed: {msg[-1] if msg else p.returncode}")
     return p.stdout
 

@@ -67,6 +67,16 @@ def owner_info() -> dict:
             "worker": os.environ.get("CAPSFUS_WORKER_ID")}
 
 
+def _own_element() -> str | None:
+    """The SLURM job (array element) this process is the one worker of, else None. A local
+    pool inside one SLURM job shares the job id between several workers, so it does not
+    count: the worker id must be the job id, as SlurmWorker sets it."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        return None
+    job = _slurm_job_id()
+    return job if os.environ.get("CAPSFUS_WORKER_ID") == job else None
+
+
 def _slurm_job_id() -> str:
     array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get(
         "SLURM_ARRAY_TASK_ID")
@@ -156,6 +166,12 @@ class LeaseDir:
         if d is None:
             return True  # being created right now
         job = d.get("job_id")
+        if job and d.get("worker") == job and _own_element() == job and (
+                d.get("host"), d.get("pid")) != (socket.gethostname(), os.getpid()):
+            # a requeued array element keeps its job id: a lease taken by the one worker of
+            # our element, from another host or pid, is our own previous incarnation, dead
+            # (SLURM runs one incarnation of an element at a time)
+            return False
         if job and self.job_alive is not None:
             alive = self.job_alive(job)
             if alive is False:

@@ -205,7 +205,17 @@ class StageDir:
     def iter_rows(self, shard: int, rejected: bool = False, verify: bool = True,
                   state: dict | None = None) -> Iterator[dict]:
         for path, sha in self.trusted_files(shard, rejected, state=state):
-            yield from iter_jsonl_zst(path, expect_sha256=sha if verify else None)
+            try:
+                yield from iter_jsonl_zst(path, expect_sha256=sha if verify else None)
+            except CorruptFile:
+                # workers' scans only stat a done shard's final file (its checksum was checked
+                # when written): move a corrupt one aside so the next run sees it missing and
+                # redoes the shard (its holder then deletes the .corrupt file)
+                try:
+                    os.replace(path, path.with_name(path.name + ".corrupt"))
+                except OSError:
+                    pass
+                raise
 
 
 def input_rows(run: Run, manifest: dict, input_stage: str, shard: int,
