@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from .faults import crashpoint
 from .io import JsonlZstWriter, iter_jsonl_zst
-from .lease import Lease, LeaseDir
+from .lease import Fenced, Lease, LeaseDir
 from .manifest import Run
 from .stage import StageDir, input_rows
 
@@ -41,8 +41,7 @@ class Processor(Protocol):
     def process(self, prepared: Any) -> tuple[list[dict], list[dict]]: ...
 
 
-class Fenced(Exception):
-    """This worker lost its lease (a later epoch exists): it must stop and trust nothing."""
+__all__ = ["Fenced", "Processor", "ShardResult", "StageContext", "run_shard"]
 
 
 @dataclass
@@ -103,21 +102,28 @@ def run_shard(ctx: StageContext, shard: int) -> ShardResult:
     lease.start_heartbeat(ctx.heartbeat)
     try:
         return _run_leased(ctx, shard, lease)
+    except Fenced as e:
+        log.warning("%s", e)
+        return ShardResult(shard, "fenced", error=str(e))
     finally:
         lease.release()
 
 
 def _write_state(ctx: StageContext, lease: Lease, shard: int, state: dict) -> None:
+    """The fencing check, then the write through the lease's token: a holder frozen between
+    the two (``fenced_write``) and taken over meanwhile writes nothing when it wakes."""
     if not lease.still_mine():
         raise Fenced(f"shard {shard}: lease epoch {lease.epoch} was taken over")
-    ctx.stage.write_state(shard, state)
+    crashpoint("fenced_write")
+    with lease.writing() as token:
+        ctx.stage.write_state(shard, state, tmp_dir=token)
 
 
 def _run_leased(ctx: StageContext, shard: int, lease: Lease) -> ShardResult:
     stage, h = ctx.stage, ctx.settings_hash
     old = stage.read_state(shard) or {}
     if stage.final_is_trusted(old, h):
-        stage.remove_untrusted(shard, stage.final_files(old))  # leftovers of a crash
+        stage.remove_untrusted(shard, stage.final_files(old), unlink=lease.remove)  # leftovers
         return ShardResult(shard, "already_done", old.get("rows_out", 0))
     if old.get("status") == "done":
         log.warning("shard %d: final output missing or corrupted: redoing the shard", shard)
@@ -144,7 +150,7 @@ def _run_leased(ctx: StageContext, shard: int, lease: Lease) -> ShardResult:
     }
     keep = {c["out"]["file"] for c in chunks} | {c["rejected"]["file"] for c in chunks
                                                   if c.get("rejected")}
-    stage.remove_untrusted(shard, keep)
+    stage.remove_untrusted(shard, keep, unlink=lease.remove)
     _write_state(ctx, lease, shard, state)
 
     t_start = time.time()
@@ -251,8 +257,11 @@ def _commit_chunk(ctx: StageContext, lease: Lease, shard: int, state: dict, star
                   end: int, out_rows: list[dict], rej_rows: list[dict], t_start: float) -> None:
     stage = ctx.stage
     name = f"c{start:09d}-{end:09d}.e{lease.epoch:06d}.jsonl.zst"
-    out_meta = _write_rows(stage.out_dir(shard) / name, out_rows)
-    rej_meta = _write_rows(stage.rejected_dir(shard) / name, rej_rows) if rej_rows else None
+    if not lease.still_mine():      # cheap early exit; the token is what makes it safe
+        raise Fenced(f"shard {shard}: lease epoch {lease.epoch} was taken over")
+    out_meta = _write_rows(lease, stage.out_dir(shard) / name, out_rows)
+    rej_meta = _write_rows(lease, stage.rejected_dir(shard) / name, rej_rows) if rej_rows \
+        else None
     crashpoint("after_chunk_file")
     reasons = Counter(r.get("reason", "unknown") for r in rej_rows)
     state["chunks"].append({"start": start, "end": end, "epoch": lease.epoch,
@@ -268,14 +277,15 @@ def _commit_chunk(ctx: StageContext, lease: Lease, shard: int, state: dict, star
     crashpoint("after_state")
 
 
-def _write_rows(path, rows: list[dict]) -> dict:
-    w = JsonlZstWriter(path)
-    try:
-        w.write_many(rows)
-        return w.commit()
-    except BaseException:
-        w.abort()
-        raise
+def _write_rows(lease: Lease, path, rows: list[dict]) -> dict:
+    with lease.writing() as token:
+        w = JsonlZstWriter(path, tmp_dir=token)
+        try:
+            w.write_many(rows)
+            return w.commit()
+        except BaseException:
+            w.abort()
+            raise
 
 
 def _compact(ctx: StageContext, lease: Lease, shard: int, state: dict) -> None:
@@ -289,14 +299,15 @@ def _compact(ctx: StageContext, lease: Lease, shard: int, state: dict) -> None:
         if key == "rejected" and not parts:
             final[key] = None
             continue
-        w = JsonlZstWriter(folder / name)
-        try:
-            for p in parts:
-                w.write_many(iter_jsonl_zst(folder / p["file"], expect_sha256=p["sha256"]))
-            final[key] = w.commit()
-        except BaseException:
-            w.abort()
-            raise
+        with lease.writing() as token:
+            w = JsonlZstWriter(folder / name, tmp_dir=token)
+            try:
+                for p in parts:
+                    w.write_many(iter_jsonl_zst(folder / p["file"], expect_sha256=p["sha256"]))
+                final[key] = w.commit()
+            except BaseException:
+                w.abort()
+                raise
     n_out = final["out"]["rows"]
     n_rej = final["rejected"]["rows"] if final["rejected"] else 0
     if n_out + n_rej != state["rows_total"]:
@@ -312,7 +323,4 @@ def _compact(ctx: StageContext, lease: Lease, shard: int, state: dict) -> None:
     for out_f, rej_f in chunk_files:
         for p in (stage.out_dir(shard) / out_f, rej_f and stage.rejected_dir(shard) / rej_f):
             if p:
-                try:
-                    p.unlink()
-                except FileNotFoundError:
-                    pass
+                lease.remove(p)
