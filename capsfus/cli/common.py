@@ -197,6 +197,13 @@ def setup_console_logging(console) -> None:
         root.addHandler(h)
 
 
+RETRY_REJECTED_OPTION = click.option(
+    "--retry-rejected", is_flag=True,
+    help="Give rows rejected earlier for a transient reason (generation_error, caption_error: "
+         "e.g. while the engine was failing) another try; each row ends in out/ or "
+         "rejected/, never both.")
+
+
 def fuse_stage_options(f):
     opts = [
         click.option("--shards", help="Shards to run, e.g. 0-9,12 (default: all)."),
@@ -211,6 +218,7 @@ def fuse_stage_options(f):
         click.option("--lease-ttl", default=300.0, show_default=True,
                      help="Seconds without heartbeat after which a shard's lease is taken "
                           "over."),
+        RETRY_REJECTED_OPTION,
     ]
     for o in reversed(opts):
         f = o(f)
@@ -245,7 +253,11 @@ def print_stage_summary(console, run, name: str, summaries: list[dict]) -> None:
             console.print(f"  worker {w['worker']}: model load {w['load_s']:.1f}s, then "
                           f"{w['generation_share']:.1%} of {w['busy_wall_s']:.1f}s inside "
                           f"generation")
-    if c["failed"]:
+    stopped = [w["stopped"] for w in summaries if w.get("stopped")]
+    for msg in stopped[:5]:
+        console.print(f"  [red]a worker stopped taking shards[/] (the engine is failing, not "
+                      f"a row): {msg}")
+    if c["failed"] or stopped:
         for f in s["failed"][:5]:
             console.print(f"  [red]shard {f['shard']} failed[/]: {f['error']}")
         console.print("Run the same command again to retry the failed shards; "
@@ -348,6 +360,7 @@ def only_todo(run, prep, job_alive=None):
     from dataclasses import replace
 
     from ..rundir.lease import LeaseDir
+    from ..rundir.runner import wants_retry
     from ..rundir.stage import StageDir
     from ..rundir.status import shard_status
     stage = StageDir(run, prep.job.stage)
@@ -358,7 +371,8 @@ def only_todo(run, prep, job_alive=None):
     for i in prep.shards:
         st = stage.read_state(i)
         s = shard_status(st, current.get(i), leases, now)
-        if s == "done" and st.get("settings_hash") == prep.settings_hash:
+        if s == "done" and st.get("settings_hash") == prep.settings_hash and not wants_retry(
+                st, prep.retry_reasons, prep.retry_id):
             continue
         if s == "running":
             continue

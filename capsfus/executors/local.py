@@ -21,7 +21,7 @@ from ..rundir.io import atomic_write_json
 from ..rundir.job import StageJob
 from ..rundir.lease import DEFAULT_HEARTBEAT, DEFAULT_TTL, LeaseDir
 from ..rundir.manifest import Run
-from ..rundir.runner import StageContext, run_shard
+from ..rundir.runner import StageContext, run_shard, wants_retry
 from ..rundir.stage import StageDir
 
 log = logging.getLogger("capsfus.worker")
@@ -44,11 +44,16 @@ class Prepared:
     settings_hash: str
     input_stage: str
     shards: list[int]
+    # --retry-rejected: the reasons whose rows get another try, once per invocation (retry_id)
+    retry_reasons: frozenset = frozenset()
+    retry_id: str | None = None
 
 
-def prepare(job: StageJob, shards: list[int] | None, force: bool = False) -> Prepared:
+def prepare(job: StageJob, shards: list[int] | None, force: bool = False,
+            retry_rejected: bool = False) -> Prepared:
     """Resolves the job (e.g. the model's revision), applies the settings rule and writes the
-    stage config: done once, before any worker starts."""
+    stage config: done once, before any worker starts. ``retry_rejected``: rows the stage
+    rejected for a transient reason (its ``transient_reasons``) get another try."""
     run = Run(Path(job.run_dir))
     manifest = run.manifest()
     if not manifest["shards"]:
@@ -58,7 +63,14 @@ def prepare(job: StageJob, shards: list[int] | None, force: bool = False) -> Pre
     h = StageDir(run, job.stage).ensure_config(manifest["run_id"], input_stage, settings, force)
     if shards is None:
         shards = list(range(len(manifest["shards"])))
-    return Prepared(job, h, input_stage, shards)
+    reasons = frozenset(getattr(job, "transient_reasons", ()) or ()) if retry_rejected \
+        else frozenset()
+    if retry_rejected and not reasons:
+        raise UserError(f"stage {job.stage} rejects no row for a transient reason: "
+                        f"--retry-rejected has nothing to retry there")
+    import uuid
+    return Prepared(job, h, input_stage, shards, reasons,
+                    uuid.uuid4().hex if reasons else None)
 
 
 def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
@@ -95,21 +107,24 @@ def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
                        input_stage=prep.input_stage, settings_hash=prep.settings_hash,
                        processor=opened.processor, leases=leases,
                        chunk_size=job.chunk_size, heartbeat=heartbeat,
-                       worker={"id": worker_id, "log": str(log_path)})
+                       worker={"id": worker_id, "log": str(log_path)},
+                       retry_reasons=prep.retry_reasons, retry_id=prep.retry_id)
     summary = {"worker": worker_id, "host": socket.gethostname(), "pid": os.getpid(),
                "cuda_visible_devices": devices, "engine": opened.describe,
                "runtime": opened.runtime, "load_s": round(load_s, 3), "gen_s": 0.0,
                "busy_wall_s": 0.0, "shards": {}}
     t_loaded = time.time()
     failed_here: set[int] = set()
-    while True:
+    stopped = None
+    while stopped is None:
         ran = False
         for shard in _rotate(prep.shards, worker_id):
             if shard in failed_here:
                 continue
             st = stage.read_state(shard)
             if st and st.get("status") == "done" and stage.final_is_trusted(
-                    st, prep.settings_hash) and not stage.has_leftovers(shard, st):
+                    st, prep.settings_hash) and not stage.has_leftovers(shard, st) \
+                    and not wants_retry(st, prep.retry_reasons, prep.retry_id):
                 continue
             res = run_shard(ctx, shard)
             summary["shards"][str(shard)] = res.status
@@ -125,6 +140,12 @@ def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
             summary["generation_share"] = round(summary["gen_s"] / summary["busy_wall_s"], 4) \
                 if summary["busy_wall_s"] else None
             atomic_write_json(logs / f"worker-{worker_id}.json", summary)
+            if res.fatal:
+                # the engine, not a row, is failing: taking more shards would only fail them
+                stopped = f"shard {shard}: {res.error}"
+                summary["stopped"] = stopped
+                log.error("worker %s stops taking shards: %s", worker_id, stopped)
+                break
         if not ran:
             break
     # also when this worker found nothing left to do (the others were faster): every worker

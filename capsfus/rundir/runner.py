@@ -31,6 +31,7 @@ from .faults import crashpoint
 from .io import JsonlZstWriter, iter_jsonl_zst
 from .lease import Fenced, Lease, LeaseDir
 from .manifest import Run
+from .retry import retry_rejected, transient_ids
 from .stage import StageDir, input_rows
 
 log = logging.getLogger("capsfus.runner")
@@ -41,7 +42,14 @@ class Processor(Protocol):
     def process(self, prepared: Any) -> tuple[list[dict], list[dict]]: ...
 
 
-__all__ = ["Fenced", "Processor", "ShardResult", "StageContext", "run_shard"]
+__all__ = ["EngineFailing", "Fenced", "Processor", "ShardResult", "StageContext", "run_shard",
+           "wants_retry"]
+
+
+class EngineFailing(Exception):
+    """Raised by a processor when its engine, not a row, is failing (stages/failures.py):
+    the chunk's rows are not rejected, the shard is marked failed with this error, and the
+    worker takes no more shards."""
 
 
 @dataclass
@@ -56,6 +64,10 @@ class StageContext:
     chunk_size: int = 1000
     heartbeat: float = 30.0
     worker: dict = field(default_factory=dict)
+    # --retry-rejected: rows rejected earlier for one of these reasons get another try, once
+    # per invocation (``retry_id``)
+    retry_reasons: frozenset = frozenset()
+    retry_id: str | None = None
 
 
 @dataclass
@@ -66,6 +78,7 @@ class ShardResult:
     gen_seconds: float = 0.0
     wall_seconds: float = 0.0
     error: str | None = None
+    fatal: bool = False         # the engine is failing: the worker must stop taking shards
 
 
 def rows_total(ctx: StageContext, shard: int) -> int:
@@ -119,11 +132,21 @@ def _write_state(ctx: StageContext, lease: Lease, shard: int, state: dict) -> No
         ctx.stage.write_state(shard, state, tmp_dir=token)
 
 
+def wants_retry(state: dict | None, reasons: frozenset, retry_id: str | None) -> bool:
+    """True when ``--retry-rejected`` still has rows of this shard to give another try."""
+    return bool(reasons and state and set(state.get("reasons") or {}) & reasons
+                and state.get("retried_in") != retry_id)
+
+
 def _run_leased(ctx: StageContext, shard: int, lease: Lease) -> ShardResult:
     stage, h = ctx.stage, ctx.settings_hash
     old = stage.read_state(shard) or {}
     if stage.final_is_trusted(old, h):
         stage.remove_untrusted(shard, stage.final_files(old), unlink=lease.remove)  # leftovers
+        if wants_retry(old, ctx.retry_reasons, ctx.retry_id):
+            old.update(epoch=lease.epoch,
+                       owner={k: lease.data.get(k) for k in ("host", "pid", "job_id", "worker")})
+            return _guarded_retry(ctx, shard, lease, old, None)
         return ShardResult(shard, "already_done", old.get("rows_out", 0))
     if old.get("status") == "done":
         log.warning("shard %d: final output missing or corrupted: redoing the shard", shard)
@@ -150,6 +173,11 @@ def _run_leased(ctx: StageContext, shard: int, lease: Lease) -> ShardResult:
     }
     keep = {c["out"]["file"] for c in chunks} | {c["rejected"]["file"] for c in chunks
                                                   if c.get("rejected")}
+    # --retry-rejected on a shard not done yet: the rows rejected (transiently) by an earlier
+    # invocation, not those this one rejects
+    retry_ids = transient_ids(ctx, shard, chunks) \
+        if wants_retry({"reasons": state["reasons"]}, ctx.retry_reasons, ctx.retry_id) \
+        and old.get("retried_in") != ctx.retry_id else None
     stage.remove_untrusted(shard, keep, unlink=lease.remove)
     _write_state(ctx, lease, shard, state)
 
@@ -226,6 +254,8 @@ def _run_leased(ctx: StageContext, shard: int, lease: Lease) -> ShardResult:
             raise errors[0]
         _compact(ctx, lease, shard, state)
         wall = time.time() - t_start
+        if retry_ids:
+            return _guarded_retry(ctx, shard, lease, state, retry_ids)
         return ShardResult(shard, "done", state["rows_done"] - start_row, gen_s, wall)
     except Exception as e:
         stop.set()
@@ -237,20 +267,41 @@ def _run_leased(ctx: StageContext, shard: int, lease: Lease) -> ShardResult:
             return ShardResult(shard, "fenced", error=str(err))
         from ..errors import UserError
         msg = f"{type(err).__name__}: {err}"
-        if isinstance(err, UserError):      # a clear cause (bad key, endpoint…): no traceback
+        if isinstance(err, (UserError, EngineFailing)):   # a clear cause: no traceback
             log.error("shard %d failed: %s", shard, err)
         else:
             log.error("shard %d failed: %s\n%s", shard, msg,
                       "".join(traceback.format_exception(err)))
         state["status"] = "failed"
-        state["last_error"] = {"message": msg[:2000], "time": time.time(), "epoch": lease.epoch}
+        fatal = isinstance(err, EngineFailing)
+        state["last_error"] = {"message": msg[:2000], "time": time.time(), "epoch": lease.epoch,
+                               **({"engine_failing": True} if fatal else {})}
         try:
             _write_state(ctx, lease, shard, state)
         except Fenced:
             return ShardResult(shard, "fenced", error=msg)
-        return ShardResult(shard, "failed", error=msg)
+        return ShardResult(shard, "failed", error=msg, fatal=fatal)
     finally:
         stop.set()
+
+
+def _guarded_retry(ctx: StageContext, shard: int, lease: Lease, state: dict,
+                   only: set[str] | None) -> ShardResult:
+    """The retry pass on a done shard (retry.py). If it fails, the shard stays done with its
+    old finals (nothing was switched); the error is reported, and an engine failure stops
+    the worker as anywhere else."""
+    t0 = time.time()
+    try:
+        n, gen_s = retry_rejected(ctx, shard, lease, state, only,
+                                  lambda st: _write_state(ctx, lease, shard, st))
+    except Fenced:
+        raise
+    except Exception as e:
+        msg = f"{type(e).__name__}: {e}"
+        log.error("shard %d: retrying its rejected rows failed (the shard keeps its earlier "
+                  "output): %s", shard, msg)
+        return ShardResult(shard, "failed", error=msg, fatal=isinstance(e, EngineFailing))
+    return ShardResult(shard, "done", n, gen_s, time.time() - t0)
 
 
 def _commit_chunk(ctx: StageContext, lease: Lease, shard: int, state: dict, start: int,
