@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 from runhelp import assert_exactly_once, capsfus, echo_log_counts, stage_rows, write_rows
+from test_caption import blip_dir  # noqa: F401  (the tiny BLIP fixture)
 
 from capsfus.rundir.manifest import Run
 from capsfus.rundir.stage import StageDir
@@ -119,3 +120,41 @@ def test_retry_rejected_while_the_row_still_fails_tries_it_once_per_invocation(t
     out, rej = assert_exactly_once(run)
     assert [(r["id"], r["reason"]) for r in rej] == [("in.jsonl:7", "generation_error")]
     assert not log.exists()      # the row failed again: no generation succeeded, none repeated
+
+
+# ------------------------------------------------------------------------- the caption stage
+def _caption_run(tmp: Path) -> tuple[Path, dict]:
+    from test_caption import write_wds
+    expected = write_wds(tmp / "wds")
+    run = tmp / "run"
+    capsfus("shard", tmp / "wds", "--out", run, "--rows-per-shard", 12)
+    return run, expected
+
+
+def test_failing_captioner_fails_the_shard_bad_images_still_rejected(tmp_path, blip_dir):
+    from test_caption import FAST
+    run, expected = _caption_run(tmp_path)
+    args = ("caption", run, "--model", blip_dir, "--chunk-size", 12, *FAST)
+    p = capsfus(*args, check=False, CAPSFUS_CAPTION_FAIL_ON="*")
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    st = json.loads(capsfus("status", run, "--json").stdout)["stages"][0]
+    assert st["counts"]["failed"] == 1 and st["counts"]["done"] == 0
+    assert st["rows"]["rejected"] == 0 and "captioner is failing" in st["failed"][0]["error"]
+    capsfus(*args)
+    out, rej = assert_exactly_once(run, "caption")
+    assert sorted(r["reason"] for r in rej) == sorted(r for r in expected.values() if r)
+
+
+def test_poison_image_is_rejected_then_retried(tmp_path, blip_dir):
+    from test_caption import FAST
+    run, expected = _caption_run(tmp_path)
+    args = ("caption", run, "--model", blip_dir, "--chunk-size", 12, *FAST)
+    capsfus(*args, CAPSFUS_CAPTION_FAIL_ON="00001.tar:7")
+    out, rej = assert_exactly_once(run, "caption")
+    errs = [r for r in rej if r["reason"] == "caption_error"]
+    assert [r["key"] for r in errs] == ["000010007"] and "injected" in errs[0]["detail"]
+    n_out = len(out)
+    capsfus(*args, "--retry-rejected")
+    out, rej = assert_exactly_once(run, "caption")
+    assert len(out) == n_out + 1 and "000010007" in {r["key"] for r in out}
+    assert sorted(r["reason"] for r in rej) == sorted(r for r in expected.values() if r)

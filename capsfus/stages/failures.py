@@ -20,11 +20,14 @@ from __future__ import annotations
 import logging
 from typing import Callable, Sequence
 
+from ..errors import UserError
 from ..rundir.runner import EngineFailing
 
 log = logging.getLogger("capsfus.failures")
 
 ENGINE_FAILURE_STREAK = 8
+# errors that say what is wrong with the setup, never with a row: passed on at once
+NEVER_A_ROW = (EngineFailing, UserError, MemoryError, KeyboardInterrupt)
 
 
 class RowFailures:
@@ -61,6 +64,8 @@ class RowFailures:
             try:
                 got = call(idx)
             except self.errors as e:
+                if isinstance(e, NEVER_A_ROW):
+                    raise
                 if len(idx) == 1:
                     for _ in range(2, self.max_attempts + 1):
                         try:
@@ -68,6 +73,8 @@ class RowFailures:
                             self.streak = 0
                             return
                         except self.errors as again:
+                            if isinstance(again, NEVER_A_ROW):
+                                raise
                             e = again
                     gave_up(idx[0], e)
                     return
