@@ -9,8 +9,8 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
 from runhelp import assert_exactly_once, capsfus, echo_log_counts, stage_rows, write_rows
-from test_caption import blip_dir  # noqa: F401  (the tiny BLIP fixture)
 
 from capsfus.rundir.manifest import Run
 from capsfus.rundir.stage import StageDir
@@ -123,6 +123,14 @@ def test_retry_rejected_while_the_row_still_fails_tries_it_once_per_invocation(t
 
 
 # ------------------------------------------------------------------------- the caption stage
+@pytest.fixture(scope="module")
+def tiny_blip(tmp_path_factory) -> Path:
+    from test_caption import build_tiny_blip
+    folder = tmp_path_factory.mktemp("tiny-blip")
+    build_tiny_blip(folder)
+    return folder
+
+
 def _caption_run(tmp: Path) -> tuple[Path, dict]:
     from test_caption import write_wds
     expected = write_wds(tmp / "wds")
@@ -131,10 +139,10 @@ def _caption_run(tmp: Path) -> tuple[Path, dict]:
     return run, expected
 
 
-def test_failing_captioner_fails_the_shard_bad_images_still_rejected(tmp_path, blip_dir):
+def test_failing_captioner_fails_the_shard_bad_images_still_rejected(tmp_path, tiny_blip):
     from test_caption import FAST
     run, expected = _caption_run(tmp_path)
-    args = ("caption", run, "--model", blip_dir, "--chunk-size", 12, *FAST)
+    args = ("caption", run, "--model", tiny_blip, "--chunk-size", 12, *FAST)
     p = capsfus(*args, check=False, CAPSFUS_CAPTION_FAIL_ON="*")
     assert p.returncode == 1 and "Traceback" not in p.stderr
     st = json.loads(capsfus("status", run, "--json").stdout)["stages"][0]
@@ -145,10 +153,10 @@ def test_failing_captioner_fails_the_shard_bad_images_still_rejected(tmp_path, b
     assert sorted(r["reason"] for r in rej) == sorted(r for r in expected.values() if r)
 
 
-def test_poison_image_is_rejected_then_retried(tmp_path, blip_dir):
+def test_poison_image_is_rejected_then_retried(tmp_path, tiny_blip):
     from test_caption import FAST
     run, expected = _caption_run(tmp_path)
-    args = ("caption", run, "--model", blip_dir, "--chunk-size", 12, *FAST)
+    args = ("caption", run, "--model", tiny_blip, "--chunk-size", 12, *FAST)
     capsfus(*args, CAPSFUS_CAPTION_FAIL_ON="00001.tar:7")
     out, rej = assert_exactly_once(run, "caption")
     errs = [r for r in rej if r["reason"] == "caption_error"]

@@ -4,7 +4,6 @@ any number of takeovers changes nothing; run-dir files follow the umask."""
 
 from __future__ import annotations
 
-import os
 import signal
 import stat
 import subprocess
