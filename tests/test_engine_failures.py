@@ -166,3 +166,25 @@ def test_poison_image_is_rejected_then_retried(tmp_path, tiny_blip):
     out, rej = assert_exactly_once(run, "caption")
     assert len(out) == n_out + 1 and "000010007" in {r["key"] for r in out}
     assert sorted(r["reason"] for r in rej) == sorted(r for r in expected.values() if r)
+
+
+# ------------------------------------------------------------------------- on SLURM
+@pytest.mark.slurm
+def test_failing_engine_on_slurm_stops_workers_and_resume_finishes(slurm_cluster, tmp_path):
+    from test_slurm_fuse import wait_jobs
+    run = _run(tmp_path, 80, 10)                                     # 8 shards
+    capsfus("submit", "fuse", run, "--engine", "echo", "--nodes", 2, "--gpus-per-node", 0,
+            "--time", "00:05:00", SLURM_CONF=slurm_cluster.conf,
+            CAPSFUS_ECHO_FAIL_ON="Sentence 1")
+    wait_jobs(slurm_cluster, run)
+    st = json.loads(capsfus("status", run, "--json", SLURM_CONF=slurm_cluster.conf).stdout)
+    s = st["stages"][0]
+    # two workers, each failed one shard and stopped: 6 shards left untouched, none rejected
+    assert s["counts"]["failed"] == 2 and s["counts"]["done"] == 0, s["counts"]
+    assert s["counts"]["pending"] == 6 and s["rows"]["rejected"] == 0
+    assert all("engine is failing" in f["error"] for f in s["failed"])
+    # the fault is gone (the resume's environment has no injected failure)
+    capsfus("resume", run, SLURM_CONF=slurm_cluster.conf)
+    wait_jobs(slurm_cluster, run)
+    out, rej = assert_exactly_once(run)
+    assert len(out) == 80 and not rej
