@@ -91,6 +91,33 @@ def test_frozen_worker_wakes_after_takeovers_and_changes_nothing(tmp_path, point
     assert "lease epoch 1 was taken over" in logs
 
 
+@pytest.mark.parametrize("point", ["mid_compaction", "after_compaction"])
+def test_worker_frozen_while_compacting_changes_nothing_when_it_wakes(tmp_path, point):
+    """Frozen with its final file written but not listed (mid_compaction), or with the done
+    state written but its chunk files not yet deleted (after_compaction): the next worker
+    takes the shard over, and the woken one neither lists nor deletes anything."""
+    run = _make_run(tmp_path)
+    fuse = ("fuse", run, "--engine", "echo", "--chunk-size", 20, "--lease-ttl", TTL)
+    frozen = popen(*fuse, CAPSFUS_FREEZE_AT=point)
+    try:
+        _wait_stopped(frozen)
+        time.sleep(TTL + 0.5)
+        capsfus(*fuse)
+        stage = StageDir(Run(run), "fuse")
+        done = stage.read_state(0)
+        assert done["status"] == "done"
+        assert {p.name for p in stage.out_dir(0).iterdir()} == {done["final"]["out"]["file"]}
+        before = _snapshot(run / "fuse")
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    frozen.wait(timeout=60)
+    after = _snapshot(run / "fuse")
+    changed = sorted(k for k in set(after) | set(before) if after.get(k) != before.get(k))
+    assert not changed, f"the woken worker changed the run directory: {changed}"
+    out, rej = assert_exactly_once(run)
+    assert len(out) == 200 and not rej
+
+
 def _umask_run(tmp: Path, umask: int) -> Path:
     """shard + fuse in a child whose umask is ``umask``."""
     data = write_rows(tmp / "in.jsonl", 30)
