@@ -11,6 +11,7 @@ import click
 
 from ..errors import UserError
 from ..stages.caption import DEFAULT_MODEL, FORMATS
+from .common import RETRY_REJECTED_OPTION
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -85,6 +86,7 @@ def _caption_options(f):
         click.option("--lease-ttl", default=300.0, show_default=True,
                      help="Seconds without heartbeat after which a shard's lease is taken "
                           "over."),
+        RETRY_REJECTED_OPTION,
     ]
     for o in reversed(opts):
         f = o(f)
@@ -146,7 +148,7 @@ def caption_cmd(run_dir, workers, **kw):
     setup_console_logging(console)
     run, manifest, job = _caption_job(run_dir, kw)
     selected = parse_shard_spec(kw["shards"], len(manifest["shards"]))
-    prep = prepare(job, selected, force=kw["force"])
+    prep = prepare(job, selected, force=kw["force"], retry_rejected=kw["retry_rejected"])
     console.print(f"[bold]{job.stage}[/] of run {manifest['run_id'][:8]}: {len(selected)} "
                   f"shard(s), {job.engine} {job.model}, {workers} worker(s), chunks of "
                   f"{job.chunk_size}")
@@ -178,6 +180,7 @@ def submit_caption_cmd(executor_options):
         es = ExecutorSettings(**executor_kwargs(kw), lease_ttl=kw["lease_ttl"])
         selected = parse_shard_spec(kw["shards"], len(manifest["shards"]))
         plan_and_submit(console, run, manifest, job, selected, es, dry_run=dry_run,
-                        max_array_size=max_array_size, force=kw["force"])
+                        max_array_size=max_array_size, force=kw["force"],
+                        retry_rejected=kw["retry_rejected"])
 
     return submit_caption

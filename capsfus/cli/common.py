@@ -213,6 +213,13 @@ def setup_console_logging(console) -> None:
         root.addHandler(h)
 
 
+RETRY_REJECTED_OPTION = click.option(
+    "--retry-rejected", is_flag=True,
+    help="Give rows rejected earlier for a transient reason (generation_error, caption_error: "
+         "e.g. while the engine was failing) another try; each row ends in out/ or "
+         "rejected/, never both.")
+
+
 def fuse_stage_options(f):
     opts = [
         click.option("--shards", help="Shards to run, e.g. 0-9,12 (default: all)."),
@@ -227,6 +234,7 @@ def fuse_stage_options(f):
         click.option("--lease-ttl", default=300.0, show_default=True,
                      help="Seconds without heartbeat after which a shard's lease is taken "
                           "over."),
+        RETRY_REJECTED_OPTION,
     ]
     for o in reversed(opts):
         f = o(f)
@@ -283,7 +291,11 @@ def print_stage_summary(console, run, name: str, summaries: list[dict]) -> None:
             console.print(f"  worker {w['worker']}: model load {w['load_s']:.1f}s, then "
                           f"{w['generation_share']:.1%} of {w['busy_wall_s']:.1f}s inside "
                           f"generation")
-    if c["failed"]:
+    stopped = [w["stopped"] for w in summaries if w.get("stopped")]
+    for msg in stopped[:5]:
+        console.print(f"  [red]a worker stopped taking shards[/] (the engine is failing, not "
+                      f"a row): {msg}")
+    if c["failed"] or stopped:
         for f in s["failed"][:5]:
             console.print(f"  [red]shard {f['shard']} failed[/]: {f['error']}")
         console.print("Run the same command again to retry the failed shards; "
@@ -397,7 +409,8 @@ def submit_and_report(console, prep, es, manifest, dry_run, max_array_size, sele
 
 
 def plan_and_submit(console, run, manifest, job, selected, es, *, dry_run, max_array_size,
-                    force=False, job_alive=None, covered=None, selection=None):
+                    force=False, job_alive=None, covered=None, selection=None,
+                    retry_rejected=False):
     """What `submit` and `resume` share, dry or not: the same settings check (a dry run
     refuses exactly as the real command would, and writes nothing), the same shards to do
     (done ones, those held by a live worker and those a queued job will take are left out),
@@ -407,7 +420,7 @@ def plan_and_submit(console, run, manifest, job, selected, es, *, dry_run, max_a
     from ..executors.local import prepare
     from ..models import cache_only
     with cache_only() if dry_run else contextlib.nullcontext():
-        prep = prepare(job, selected, force=force, dry_run=dry_run)
+        prep = prepare(job, selected, force=force, dry_run=dry_run, retry_rejected=retry_rejected)
     skipped: dict = {}
     prep = only_todo(run, prep, job_alive=job_alive, covered=covered, skipped=skipped)
     return submit_and_report(console, prep, es, manifest, dry_run, max_array_size,
@@ -422,6 +435,7 @@ def only_todo(run, prep, job_alive=None, covered=None, skipped: dict | None = No
 
     from ..rundir.fresh import stale_map
     from ..rundir.lease import LeaseDir
+    from ..rundir.runner import wants_retry
     from ..rundir.stage import StageDir
     from ..rundir.status import shard_status
     stage = StageDir(run, prep.job.stage)
@@ -435,7 +449,8 @@ def only_todo(run, prep, job_alive=None, covered=None, skipped: dict | None = No
     for i in prep.shards:
         st = stage.read_state(i)
         s = shard_status(st, current.get(i), leases, now, stale=i in stale)
-        if s == "done" and st.get("settings_hash") == prep.settings_hash:
+        if s == "done" and st.get("settings_hash") == prep.settings_hash and not wants_retry(
+                st, prep.retry_reasons, prep.retry_id):
             counts["done"] += 1
             continue
         if s == "running":

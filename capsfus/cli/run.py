@@ -75,7 +75,8 @@ def shard(inputs, out, rows_per_shard, raw_col, synthetic_col, url_col, id_col, 
 @fuse_stage_options
 @click.option("--workers", default=1, show_default=True,
               help="Local worker processes, each loading the model once.")
-def fuse(run_dir, shards, chunk_size, workers, tag, force, max_attempts, lease_ttl, **kw):
+def fuse(run_dir, shards, chunk_size, workers, tag, force, max_attempts, lease_ttl,
+         retry_rejected, **kw):
     """Fuse raw and synthetic captions of RUN_DIR here (local executor).
 
     Work is committed in chunks; stop it any time (Ctrl-C, kill -9) and run the same command
@@ -92,7 +93,7 @@ def fuse(run_dir, shards, chunk_size, workers, tag, force, max_attempts, lease_t
     run, manifest, job = fuse_job(run_dir, tag, chunk_size, max_attempts, kw)
     name = job.stage
     selected = parse_shard_spec(shards, len(manifest["shards"]))
-    prep = prepare(job, selected, force=force)
+    prep = prepare(job, selected, force=force, retry_rejected=retry_rejected)
     console.print(f"[bold]{name}[/] of run {manifest['run_id'][:8]}: {len(selected)} shard(s), "
                   f"engine {job.spec.engine}"
                   f"{' ' + job.spec.model if job.spec.model else ''}, "
@@ -118,7 +119,7 @@ def submit():
 @fuse_stage_options
 @executor_options(defaults=True)
 def submit_fuse(run_dir, shards, chunk_size, tag, force, max_attempts, lease_ttl, dry_run,
-                max_array_size, **kw):
+                max_array_size, retry_rejected, **kw):
     """Fuse RUN_DIR on a SLURM cluster.
 
     `--nodes 16 --gpus-per-node 8` starts at most 128 one-GPU workers (fewer with
@@ -136,7 +137,7 @@ def submit_fuse(run_dir, shards, chunk_size, tag, force, max_attempts, lease_ttl
     # a dry run takes the same path: same settings check and refusal, same shards to do;
     # it writes nothing and downloads no model
     plan_and_submit(console, run, manifest, job, selected, es, dry_run=dry_run,
-                    max_array_size=max_array_size, force=force)
+                    max_array_size=max_array_size, force=force, retry_rejected=retry_rejected)
 
 
 @click.command(context_settings=CONTEXT)

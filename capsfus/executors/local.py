@@ -23,7 +23,7 @@ from ..rundir.io import atomic_write_json
 from ..rundir.job import StageJob
 from ..rundir.lease import DEFAULT_HEARTBEAT, DEFAULT_TTL, LeaseDir
 from ..rundir.manifest import Run
-from ..rundir.runner import StageContext, run_shard
+from ..rundir.runner import StageContext, run_shard, wants_retry
 from ..rundir.stage import StageDir, settings_hash
 
 log = logging.getLogger("capsfus.worker")
@@ -46,17 +46,21 @@ class Prepared:
     settings_hash: str
     input_stage: str
     shards: list[int]
+    # --retry-rejected: the reasons whose rows get another try, once per invocation (retry_id)
+    retry_reasons: frozenset = frozenset()
+    retry_id: str | None = None
 
 
 def prepare(job: StageJob, shards: list[int] | None, force: bool = False,
-            dry_run: bool = False) -> Prepared:
+            dry_run: bool = False, retry_rejected: bool = False) -> Prepared:
     """Resolves the job (e.g. the model's revision), applies the settings rule and writes the
     stage config: done once, before any worker starts.
 
     ``dry_run``: the same checks and the same refusal (settings diff, --force/--tag advice), but
     nothing is written. A revision the job could not resolve without downloading (None: a Hub
     model not in the local cache) is taken from the stage's config, so the plan compares like
-    with like (a changed model still shows in the diff)."""
+    with like (a changed model still shows in the diff). ``retry_rejected``: rows the stage
+    rejected for a transient reason (its ``transient_reasons``) get another try."""
     run = Run(Path(job.run_dir))
     manifest = run.manifest()
     if not manifest["shards"]:
@@ -85,7 +89,14 @@ def prepare(job: StageJob, shards: list[int] | None, force: bool = False,
         h = stage.ensure_config(manifest["run_id"], input_stage, settings, force)
     if shards is None:
         shards = list(range(len(manifest["shards"])))
-    return Prepared(job, h, input_stage, shards)
+    reasons = frozenset(getattr(job, "transient_reasons", ()) or ()) if retry_rejected \
+        else frozenset()
+    if retry_rejected and not reasons:
+        raise UserError(f"stage {job.stage} rejects no row for a transient reason: "
+                        f"--retry-rejected has nothing to retry there")
+    import uuid
+    return Prepared(job, h, input_stage, shards, reasons,
+                    uuid.uuid4().hex if reasons else None)
 
 
 def final_looks_done(stage: StageDir, state: dict | None, current_hash: str) -> bool:
@@ -158,7 +169,8 @@ def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
                        input_stage=prep.input_stage, settings_hash=prep.settings_hash,
                        processor=opened.processor, leases=leases,
                        chunk_size=job.chunk_size, heartbeat=heartbeat,
-                       worker={"id": worker_id, "log": str(log_path)})
+                       worker={"id": worker_id, "log": str(log_path)},
+                       retry_reasons=prep.retry_reasons, retry_id=prep.retry_id)
     summary = {"worker": worker_id, "host": socket.gethostname(), "pid": os.getpid(),
                "cuda_visible_devices": devices, "engine": opened.describe,
                "runtime": opened.runtime, "load_s": round(load_s, 3), "gen_s": 0.0,
@@ -168,7 +180,8 @@ def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
     order = _rotate(prep.shards, worker_id, index, workers)
     poll = max(0.2, min(heartbeat, lease_ttl / 10, 10.0))
     idle_since: float | None = None
-    while True:
+    stopped = None
+    while stopped is None:
         ran = False
         busy = 0
         for shard in order:
@@ -178,7 +191,8 @@ def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
             if final_looks_done(stage, st, prep.settings_hash) and state_is_current(
                     st, prep.settings_hash, upstream_sha(run, ctx.manifest, prep.input_stage,
                                                          shard)) and \
-                    not stage.has_leftovers(shard, st):
+                    not stage.has_leftovers(shard, st) and \
+                    not wants_retry(st, prep.retry_reasons, prep.retry_id):
                 continue
             res = run_shard(ctx, shard)
             if res.status == "busy":
@@ -197,6 +211,14 @@ def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
             summary["generation_share"] = round(summary["gen_s"] / summary["busy_wall_s"], 4) \
                 if summary["busy_wall_s"] else None
             atomic_write_json(logs / f"worker-{worker_id}.json", summary)
+            if res.fatal:
+                # the engine, not a row, is failing: taking more shards would only fail them
+                stopped = f"shard {shard}: {res.error}"
+                summary["stopped"] = stopped
+                log.error("worker %s stops taking shards: %s", worker_id, stopped)
+                break
+        if stopped is not None:
+            break
         if ran:
             idle_since = None
             continue

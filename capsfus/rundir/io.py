@@ -20,6 +20,8 @@ from typing import Any, Iterable, Iterator
 
 import zstandard
 
+from .faults import crashpoint
+
 ZSTD_LEVEL = 3
 
 
@@ -61,15 +63,51 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux: /proc/self/status), else the
+    classic set-and-restore."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def mkstemp_shared(path: Path, tmp_dir: str | os.PathLike | None = None) -> tuple[int, str]:
+    """``tempfile.mkstemp`` for a file that becomes ``path``, but with the mode any other tool
+    would give it (0666 & ~umask) instead of mkstemp's private 0600: run-dir files are read by
+    teammates (status, outputs) and hold no secrets. The temp file lives in ``tmp_dir`` (a
+    lease's write token, see lease.py) or beside ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=tmp_dir or path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(tmp)
+        raise
+    return fd, tmp
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes,
+                       tmp_dir: str | os.PathLike | None = None) -> None:
+    """Writes ``path`` atomically. With ``tmp_dir`` the temp file is made there and renamed
+    into place from there: if ``tmp_dir`` has been removed meanwhile, nothing is written
+    (FileNotFoundError); this is how a fenced-off lease holder is kept from writing."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    if tmp_dir is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = mkstemp_shared(path, tmp_dir)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        crashpoint("before_rename")
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)
@@ -77,9 +115,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+def atomic_write_json(path: str | os.PathLike, obj: Any,
+                      tmp_dir: str | os.PathLike | None = None) -> None:
     text = json.dumps(obj, ensure_ascii=False, indent=1, sort_keys=False, default=_json_default)
-    atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+    atomic_write_bytes(path, (text + "\n").encode("utf-8"), tmp_dir)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -126,10 +165,11 @@ class JsonlZstWriter:
     checksum costs no second read. Nothing is visible under the final name before ``commit``.
     """
 
-    def __init__(self, path: str | os.PathLike, level: int = ZSTD_LEVEL):
+    def __init__(self, path: str | os.PathLike, level: int = ZSTD_LEVEL,
+                 tmp_dir: str | os.PathLike | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(prefix=f".tmp-{self.path.name}.", dir=self.path.parent)
+        fd, self._tmp = mkstemp_shared(self.path, tmp_dir)
         self._raw = os.fdopen(fd, "wb")
         self._hashing = _HashingFile(self._raw)
         self._zw = zstandard.ZstdCompressor(level=level).stream_writer(self._hashing, closefd=False)
@@ -153,6 +193,7 @@ class JsonlZstWriter:
         self._raw.flush()
         os.fsync(self._raw.fileno())
         self._raw.close()
+        crashpoint("before_rename")
         os.replace(self._tmp, self.path)
         _fsync_dir(self.path.parent)
         self._done = True

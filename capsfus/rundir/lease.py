@@ -6,19 +6,31 @@ exactly one wins. The holder of the highest epoch owns the shard. A holder rewri
 (atomic rename) every ``heartbeat`` seconds; a lease whose heartbeat is older than ``ttl``,
 whose process is gone (same host), or whose SLURM job is gone is stale and can be taken over.
 
-Fencing: every file a holder writes carries its epoch, and before it trusts anything (updates
-the shard state) it checks that no higher epoch exists. A worker that wakes after losing its
-lease finds epoch+1 and stops; its files are never listed, so never trusted.
+Fencing, in two layers:
+- *the check*: before it trusts anything (updates the shard state), a holder checks that no
+  epoch above its own exists (``still_mine``: the highest epoch present, not only the next
+  one, because ``acquire`` deletes old epochs' files);
+- *the write token*, which closes the window between that check and the write: each epoch
+  has a folder ``leases/00000.e000003.w/``, and every file a holder writes or deletes in the
+  run directory passes through it (the temp file is made there and renamed into place; a
+  deletion is a rename into it, then an unlink). A new holder, right after winning its epoch
+  and before it reads the shard state, empties and removes the tokens of every lower epoch.
+  A holder frozen anywhere (even between its check and its rename) wakes to a token that no
+  longer exists: its rename fails (ENOENT; ESTALE on NFS), so it changes nothing, whatever
+  number of takeovers happened meanwhile. A write that won before the revocation is one
+  the new holder sees, because it reads the state only after revoking.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,6 +38,11 @@ from typing import Callable
 from .io import atomic_write_json
 
 LEASE_RE = re.compile(r"^(\d{5,})\.e(\d{6,})\.json$")
+TOKEN_RE = re.compile(r"^(\d{5,})\.e(\d{6,})\.w$")
+
+
+class Fenced(Exception):
+    """This worker lost its lease (a later epoch exists): it must stop and trust nothing."""
 DEFAULT_TTL = 300.0
 DEFAULT_HEARTBEAT = 30.0
 
@@ -114,6 +131,36 @@ class LeaseDir:
     def path(self, shard: int, epoch: int) -> Path:
         return self.folder / f"{shard:05d}.e{epoch:06d}.json"
 
+    def token(self, shard: int, epoch: int) -> Path:
+        """The epoch's write token: see the module docstring."""
+        return self.folder / f"{shard:05d}.e{epoch:06d}.w"
+
+    def highest_epoch(self, shard: int) -> int:
+        """The highest epoch whose lease file exists for ``shard`` (0: none)."""
+        best = 0
+        prefix = f"{shard:05d}.e"
+        try:
+            for name in os.listdir(self.folder):
+                if name.startswith(prefix):
+                    m = LEASE_RE.match(name)
+                    if m:
+                        best = max(best, int(m.group(2)))
+        except FileNotFoundError:
+            pass
+        return best
+
+    def revoke_below(self, shard: int, epoch: int) -> None:
+        """Removes the write tokens of every epoch of ``shard`` below ``epoch``, with any temp
+        file a frozen holder left in them: from now on no lower holder can write."""
+        try:
+            names = os.listdir(self.folder)
+        except FileNotFoundError:
+            return
+        for name in names:
+            m = TOKEN_RE.match(name)
+            if m and int(m.group(1)) == shard and int(m.group(2)) < epoch:
+                revoke(self.folder / name)
+
     def scan(self) -> dict[int, LeaseInfo]:
         """The current (highest-epoch) lease of every shard that has one: one listdir."""
         best: dict[int, tuple[int, str]] = {}
@@ -190,7 +237,7 @@ class LeaseDir:
         epoch = (cur.epoch if cur else 0) + 1
         path = self.path(shard, epoch)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
         except FileExistsError:
             return None
         now = time.time()
@@ -201,6 +248,16 @@ class LeaseDir:
             json.dump(data, f)
             f.flush()
             os.fsync(f.fileno())
+        # Fence every lower holder off *before* reading anything of the shard: a write of
+        # theirs either landed already (and the caller will read it) or can never land.
+        self.revoke_below(shard, epoch)
+        token = self.token(shard, epoch)
+        token.mkdir(exist_ok=True)
+        if self.highest_epoch(shard) != epoch:
+            # frozen between winning the file and making the token, and taken over meanwhile:
+            # the later holder may have revoked before the token existed
+            revoke(token)
+            return None
         for old in range(max(1, epoch - 8), epoch - 1):  # keep the previous epoch for status
             try:
                 self.path(shard, old).unlink()
@@ -236,14 +293,56 @@ class Lease:
     def path(self) -> Path:
         return self.leases.path(self.shard, self.epoch)
 
+    @property
+    def token(self) -> Path:
+        return self.leases.token(self.shard, self.epoch)
+
     def still_mine(self) -> bool:
-        """Fencing: False once any worker has taken a later epoch of this shard."""
-        return not self.leases.path(self.shard, self.epoch + 1).exists()
+        """Fencing check: False once any worker has taken a later epoch of this shard (the
+        highest epoch present is compared, as ``acquire`` deletes old epochs' files), or once
+        this epoch's write token was revoked."""
+        return (self.leases.highest_epoch(self.shard) <= self.epoch and self.path.exists()
+                and self.token.is_dir())
+
+    @contextmanager
+    def writing(self):
+        """Around a write through the token: a missing token means a later holder revoked
+        it, so the write did not happen and this holder is fenced off."""
+        try:
+            yield self.token
+        except FileNotFoundError as e:
+            if not self.token.is_dir():
+                raise Fenced(f"shard {self.shard}: lease epoch {self.epoch} was taken over "
+                             f"(write token revoked)") from e
+            raise
+
+    def write_json(self, path: Path, obj) -> None:
+        """Atomic write of ``path`` that cannot land once this lease is taken over."""
+        with self.writing() as token:
+            atomic_write_json(path, obj, tmp_dir=token)
+
+    def remove(self, path: Path) -> None:
+        """Deletes ``path`` as this holder: renamed into the token, then unlinked, so a holder
+        fenced off meanwhile deletes nothing."""
+        with self.writing() as token:
+            if not token.is_dir():
+                raise FileNotFoundError(token)
+            tmp = token / f".del-{os.getpid()}-{path.name}"
+            try:
+                os.rename(path, tmp)
+            except FileNotFoundError:
+                if not token.is_dir():
+                    raise
+                return      # already gone
+            os.unlink(tmp)
 
     def beat(self, **fields) -> None:
         self.data.update(fields, heartbeat=time.time())
         if self.still_mine():
-            atomic_write_json(self.path, self.data)
+            try:
+                self.write_json(self.path, self.data)
+            except Fenced:
+                pass
 
     def start_heartbeat(self, every: float = DEFAULT_HEARTBEAT) -> None:
         def loop():
@@ -268,4 +367,28 @@ class Lease:
             self._thread.join(timeout=5)
         if self.still_mine():
             self.data.update(fields, released=True, heartbeat=time.time())
-            atomic_write_json(self.path, self.data)
+            try:
+                self.write_json(self.path, self.data)
+            except Fenced:
+                pass
+        revoke(self.token)    # released: this epoch writes nothing more
+
+
+def revoke(token: Path) -> None:
+    """Empties and removes a write token (retrying while a frozen-then-woken holder adds a
+    temp file to it); afterwards every rename out of it fails."""
+    for _ in range(100):
+        try:
+            for name in os.listdir(token):
+                try:
+                    os.unlink(token / name)
+                except FileNotFoundError:
+                    pass
+            os.rmdir(token)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    raise OSError(f"could not revoke the write token {token}: it keeps filling")

@@ -30,8 +30,9 @@ from typing import Any, Protocol
 from .faults import crashpoint
 from .fresh import upstream_sha
 from .io import JsonlZstWriter, iter_jsonl_zst
-from .lease import Lease, LeaseDir
+from .lease import Fenced, Lease, LeaseDir
 from .manifest import Run
+from .retry import retry_rejected, transient_ids
 from .stage import StageDir, input_rows
 
 log = logging.getLogger("capsfus.runner")
@@ -42,8 +43,14 @@ class Processor(Protocol):
     def process(self, prepared: Any) -> tuple[list[dict], list[dict]]: ...
 
 
-class Fenced(Exception):
-    """This worker lost its lease (a later epoch exists): it must stop and trust nothing."""
+__all__ = ["EngineFailing", "Fenced", "Processor", "ShardResult", "StageContext", "run_shard",
+           "wants_retry"]
+
+
+class EngineFailing(Exception):
+    """Raised by a processor when its engine, not a row, is failing (stages/failures.py):
+    the chunk's rows are not rejected, the shard is marked failed with this error, and the
+    worker takes no more shards."""
 
 
 @dataclass
@@ -58,6 +65,10 @@ class StageContext:
     chunk_size: int = 1000
     heartbeat: float = 30.0
     worker: dict = field(default_factory=dict)
+    # --retry-rejected: rows rejected earlier for one of these reasons get another try, once
+    # per invocation (``retry_id``)
+    retry_reasons: frozenset = frozenset()
+    retry_id: str | None = None
 
 
 @dataclass
@@ -68,6 +79,7 @@ class ShardResult:
     gen_seconds: float = 0.0
     wall_seconds: float = 0.0
     error: str | None = None
+    fatal: bool = False         # the engine is failing: the worker must stop taking shards
 
 
 def rows_total(ctx: StageContext, shard: int) -> int:
@@ -104,14 +116,27 @@ def run_shard(ctx: StageContext, shard: int) -> ShardResult:
     lease.start_heartbeat(ctx.heartbeat)
     try:
         return _run_leased(ctx, shard, lease)
+    except Fenced as e:
+        log.warning("%s", e)
+        return ShardResult(shard, "fenced", error=str(e))
     finally:
         lease.release()
 
 
 def _write_state(ctx: StageContext, lease: Lease, shard: int, state: dict) -> None:
+    """The fencing check, then the write through the lease's token: a holder frozen between
+    the two (``fenced_write``) and taken over meanwhile writes nothing when it wakes."""
     if not lease.still_mine():
         raise Fenced(f"shard {shard}: lease epoch {lease.epoch} was taken over")
-    ctx.stage.write_state(shard, state)
+    crashpoint("fenced_write")
+    with lease.writing() as token:
+        ctx.stage.write_state(shard, state, tmp_dir=token)
+
+
+def wants_retry(state: dict | None, reasons: frozenset, retry_id: str | None) -> bool:
+    """True when ``--retry-rejected`` still has rows of this shard to give another try."""
+    return bool(reasons and state and set(state.get("reasons") or {}) & reasons
+                and state.get("retried_in") != retry_id)
 
 
 def _run_leased(ctx: StageContext, shard: int, lease: Lease) -> ShardResult:
@@ -121,7 +146,11 @@ def _run_leased(ctx: StageContext, shard: int, lease: Lease) -> ShardResult:
     in_sha = upstream_sha(ctx.run, ctx.manifest, ctx.input_stage, shard)
     if stage.final_is_trusted(old, h) and old.get("input_sha256") == in_sha \
             and in_sha is not None:
-        stage.remove_untrusted(shard, stage.final_files(old))  # leftovers of a crash
+        stage.remove_untrusted(shard, stage.final_files(old), unlink=lease.remove)  # leftovers
+        if wants_retry(old, ctx.retry_reasons, ctx.retry_id):
+            old.update(epoch=lease.epoch,
+                       owner={k: lease.data.get(k) for k in ("host", "pid", "job_id", "worker")})
+            return _guarded_retry(ctx, shard, lease, old, None)
         return ShardResult(shard, "already_done", old.get("rows_out", 0))
     if old.get("status") == "done":
         why = ("its input changed (upstream shard redone)"
@@ -152,7 +181,12 @@ def _run_leased(ctx: StageContext, shard: int, lease: Lease) -> ShardResult:
     }
     keep = {c["out"]["file"] for c in chunks} | {c["rejected"]["file"] for c in chunks
                                                   if c.get("rejected")}
-    stage.remove_untrusted(shard, keep)
+    # --retry-rejected on a shard not done yet: the rows rejected (transiently) by an earlier
+    # invocation, not those this one rejects
+    retry_ids = transient_ids(ctx, shard, chunks) \
+        if wants_retry({"reasons": state["reasons"]}, ctx.retry_reasons, ctx.retry_id) \
+        and old.get("retried_in") != ctx.retry_id else None
+    stage.remove_untrusted(shard, keep, unlink=lease.remove)
     _write_state(ctx, lease, shard, state)
 
     t_start = time.time()
@@ -229,6 +263,8 @@ def _run_leased(ctx: StageContext, shard: int, lease: Lease) -> ShardResult:
             raise errors[0]
         _compact(ctx, lease, shard, state)
         wall = time.time() - t_start
+        if retry_ids:
+            return _guarded_retry(ctx, shard, lease, state, retry_ids)
         return ShardResult(shard, "done", state["rows_done"] - start_row, gen_s, wall)
     except Exception as e:
         stop.set()
@@ -240,28 +276,52 @@ def _run_leased(ctx: StageContext, shard: int, lease: Lease) -> ShardResult:
             return ShardResult(shard, "fenced", error=str(err))
         from ..errors import UserError
         msg = f"{type(err).__name__}: {err}"
-        if isinstance(err, UserError):      # a clear cause (bad key, endpoint…): no traceback
+        if isinstance(err, (UserError, EngineFailing)):   # a clear cause: no traceback
             log.error("shard %d failed: %s", shard, err)
         else:
             log.error("shard %d failed: %s\n%s", shard, msg,
                       "".join(traceback.format_exception(err)))
         state["status"] = "failed"
-        state["last_error"] = {"message": msg[:2000], "time": time.time(), "epoch": lease.epoch}
+        fatal = isinstance(err, EngineFailing)
+        state["last_error"] = {"message": msg[:2000], "time": time.time(), "epoch": lease.epoch,
+                               **({"engine_failing": True} if fatal else {})}
         try:
             _write_state(ctx, lease, shard, state)
         except Fenced:
             return ShardResult(shard, "fenced", error=msg)
-        return ShardResult(shard, "failed", error=msg)
+        return ShardResult(shard, "failed", error=msg, fatal=fatal)
     finally:
         stop.set()
+
+
+def _guarded_retry(ctx: StageContext, shard: int, lease: Lease, state: dict,
+                   only: set[str] | None) -> ShardResult:
+    """The retry pass on a done shard (retry.py). If it fails, the shard stays done with its
+    old finals (nothing was switched); the error is reported, and an engine failure stops
+    the worker as anywhere else."""
+    t0 = time.time()
+    try:
+        n, gen_s = retry_rejected(ctx, shard, lease, state, only,
+                                  lambda st: _write_state(ctx, lease, shard, st))
+    except Fenced:
+        raise
+    except Exception as e:
+        msg = f"{type(e).__name__}: {e}"
+        log.error("shard %d: retrying its rejected rows failed (the shard keeps its earlier "
+                  "output): %s", shard, msg)
+        return ShardResult(shard, "failed", error=msg, fatal=isinstance(e, EngineFailing))
+    return ShardResult(shard, "done", n, gen_s, time.time() - t0)
 
 
 def _commit_chunk(ctx: StageContext, lease: Lease, shard: int, state: dict, start: int,
                   end: int, out_rows: list[dict], rej_rows: list[dict], t_start: float) -> None:
     stage = ctx.stage
     name = f"c{start:09d}-{end:09d}.e{lease.epoch:06d}.jsonl.zst"
-    out_meta = _write_rows(stage.out_dir(shard) / name, out_rows)
-    rej_meta = _write_rows(stage.rejected_dir(shard) / name, rej_rows) if rej_rows else None
+    if not lease.still_mine():      # cheap early exit; the token is what makes it safe
+        raise Fenced(f"shard {shard}: lease epoch {lease.epoch} was taken over")
+    out_meta = _write_rows(lease, stage.out_dir(shard) / name, out_rows)
+    rej_meta = _write_rows(lease, stage.rejected_dir(shard) / name, rej_rows) if rej_rows \
+        else None
     crashpoint("after_chunk_file")
     reasons = Counter(r.get("reason", "unknown") for r in rej_rows)
     state["chunks"].append({"start": start, "end": end, "epoch": lease.epoch,
@@ -278,14 +338,15 @@ def _commit_chunk(ctx: StageContext, lease: Lease, shard: int, state: dict, star
     crashpoint("after_state")
 
 
-def _write_rows(path, rows: list[dict]) -> dict:
-    w = JsonlZstWriter(path)
-    try:
-        w.write_many(rows)
-        return w.commit()
-    except BaseException:
-        w.abort()
-        raise
+def _write_rows(lease: Lease, path, rows: list[dict]) -> dict:
+    with lease.writing() as token:
+        w = JsonlZstWriter(path, tmp_dir=token)
+        try:
+            w.write_many(rows)
+            return w.commit()
+        except BaseException:
+            w.abort()
+            raise
 
 
 def _compact(ctx: StageContext, lease: Lease, shard: int, state: dict) -> None:
@@ -299,14 +360,15 @@ def _compact(ctx: StageContext, lease: Lease, shard: int, state: dict) -> None:
         if key == "rejected" and not parts:
             final[key] = None
             continue
-        w = JsonlZstWriter(folder / name)
-        try:
-            for p in parts:
-                w.write_many(iter_jsonl_zst(folder / p["file"], expect_sha256=p["sha256"]))
-            final[key] = w.commit()
-        except BaseException:
-            w.abort()
-            raise
+        with lease.writing() as token:
+            w = JsonlZstWriter(folder / name, tmp_dir=token)
+            try:
+                for p in parts:
+                    w.write_many(iter_jsonl_zst(folder / p["file"], expect_sha256=p["sha256"]))
+                final[key] = w.commit()
+            except BaseException:
+                w.abort()
+                raise
     n_out = final["out"]["rows"]
     n_rej = final["rejected"]["rows"] if final["rejected"] else 0
     if n_out + n_rej != state["rows_total"]:
@@ -322,7 +384,4 @@ def _compact(ctx: StageContext, lease: Lease, shard: int, state: dict) -> None:
     for out_f, rej_f in chunk_files:
         for p in (stage.out_dir(shard) / out_f, rej_f and stage.rejected_dir(shard) / rej_f):
             if p:
-                try:
-                    p.unlink()
-                except FileNotFoundError:
-                    pass
+                lease.remove(p)

@@ -118,9 +118,12 @@ class StageDir:
                     out[int(name[:5])] = st
         return out
 
-    def write_state(self, shard: int, state: dict) -> None:
+    def write_state(self, shard: int, state: dict, tmp_dir: Path | None = None) -> None:
+        """``tmp_dir``: the writer's lease token (lease.py), so a fenced-off writer cannot."""
         state["updated"] = time.time()
-        atomic_write_json(self.state_path(shard), state)
+        if tmp_dir is not None:
+            self.state_path(shard).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.state_path(shard), state, tmp_dir=tmp_dir)
 
     def out_dir(self, shard: int) -> Path:
         return self.root / "out" / f"{shard:05d}"
@@ -174,14 +177,18 @@ class StageDir:
                 return True
         return False
 
-    def remove_untrusted(self, shard: int, keep: set[str]) -> None:
+    def remove_untrusted(self, shard: int, keep: set[str], unlink=None) -> None:
         """Deletes files of a shard that its state does not list (crash leftovers, a stale
-        worker's chunks). Called only by the current lease holder."""
+        worker's chunks). Called only by the current lease holder, with its ``Lease.remove``
+        as ``unlink`` so that a holder fenced off meanwhile deletes nothing."""
         for folder in (self.out_dir(shard), self.rejected_dir(shard)):
             if not folder.exists():
                 continue
             for p in folder.iterdir():
                 if p.name not in keep:
+                    if unlink is not None:
+                        unlink(p)
+                        continue
                     try:
                         p.unlink()
                     except FileNotFoundError:

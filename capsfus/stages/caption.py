@@ -33,13 +33,17 @@ from ..ingest.images import (
     resize_uint8,
 )
 from ..rundir.rows import ID, SYNTHETIC
+from .failures import RowFailures
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
 
 CAPTION_REJECT_REASONS = {
     **IMAGE_REJECT_REASONS,
     "caption_empty": "the model produced an empty caption for this image",
+    "caption_error": "the model failed on this image alone, every attempt",
 }
+# reasons that another try may fix (`--retry-rejected`); a bad image is the row's own fault
+CAPTION_TRANSIENT_REASONS = frozenset({"caption_error"})
 
 # --format: instructions for VLM (chat) engines. BLIP is not instruction-following: it makes
 # short captions only, optionally continuing --prompt ("a picture of").
@@ -84,6 +88,7 @@ class CaptionJob:
     chunk_size: int = 256
     tensor_parallel_size: int = 1
     column: str = SYNTHETIC                 # where the caption goes (e.g. synthetic_dense)
+    transient_reasons = CAPTION_TRANSIENT_REASONS   # class constant, not a field
 
     def __post_init__(self):
         from ..errors import UserError
@@ -228,6 +233,25 @@ class CaptionProcessor:
         sources = Run(Path(job.run_dir)).manifest()["sources"]
         self.reader = ImageReader(sizes={s["path"]: s["size"] for s in sources
                                          if s["kind"] in ("tar", "parquet")})
+        # a model failure on one image rejects that row (caption_error); on most rows, the
+        # captioner is broken: the shard fails and the worker stops (failures.py)
+        self.failures = RowFailures((Exception,), max_attempts=2, what="the captioner")
+
+    def _caption(self, pixels, ids: list[str], clip, idx: list[int]) -> list:
+        """The captioner on rows ``idx`` of the chunk. ``CAPSFUS_CAPTION_FAIL_ON=TEXT`` (a test
+        hook, like the echo engine's) makes any call fail whose row ids contain TEXT (``*``:
+        every call), as a model that crashes would."""
+        import os
+        sub_ids = [ids[i] for i in idx]
+        fail_on = os.environ.get("CAPSFUS_CAPTION_FAIL_ON")
+        if fail_on and (fail_on == "*" or any(fail_on in i for i in sub_ids)):
+            raise RuntimeError(f"captioner: injected failure ({fail_on!r} in the batch)")
+        px = pixels[idx] if hasattr(pixels, "shape") else [pixels[i] for i in idx]
+        caps = self.captioner.caption(px, sub_ids, None if clip is None else clip[idx])
+        if len(caps) != len(idx):
+            raise RuntimeError(f"the captioner returned {len(caps)} captions for "
+                               f"{len(idx)} images")
+        return caps
 
     def _decode(self, ref) -> Decoded:
         j = self.job
@@ -276,12 +300,13 @@ class CaptionProcessor:
             else:
                 pixels = np.stack([d.pixels for _, d in ok])
             clip = np.stack([d.clip for _, d in ok]) if ok[0][1].clip is not None else None
-            caps = self.captioner.caption(pixels, ids, clip)
-            if len(caps) != len(ok):
-                raise RuntimeError(f"the captioner returned {len(caps)} captions for "
-                                   f"{len(ok)} images")
+            caps = self.failures.run(len(ok), lambda idx: self._caption(pixels, ids, clip, idx))
             for (i, _), c in zip(ok, caps):
                 row = p.rows[i]
+                if isinstance(c, BaseException):
+                    refused[i] = {**row, "reason": "caption_error",
+                                  "detail": f"{type(c).__name__}: {c}"[:500]}
+                    continue
                 if not c.text:
                     refused[i] = {**row, "reason": "caption_empty", "detail": ""}
                     continue

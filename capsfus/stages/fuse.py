@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from ..engines import Engine, EngineSpec, GenerationError
 from ..prompt import BuiltPrompt, PromptBuilder, PromptTemplate
 from ..rundir.rows import FUSED, RAW, SYNTHETIC
+from .failures import RowFailures
 
 log = logging.getLogger("capsfus.fuse")
 
@@ -24,6 +25,8 @@ FUSE_REJECT_REASONS = {
                           "cut to one token",
     "generation_error": "generation failed on this row alone, every attempt",
 }
+# reasons that another try may fix (`--retry-rejected`)
+FUSE_TRANSIENT_REASONS = frozenset({"generation_error"})
 
 
 def make_builder(engine: Engine, template: PromptTemplate) -> PromptBuilder:
@@ -43,6 +46,7 @@ class FuseProcessor:
         self.engine = engine
         self.builder = make_builder(engine, template)
         self.max_attempts = max_attempts
+        self.failures = RowFailures((GenerationError,), max_attempts, what="the engine")
 
     def prepare(self, rows: list[dict]) -> FusePrepared:
         items, rejects = [], []
@@ -70,35 +74,10 @@ class FuseProcessor:
 
     def _generate_robust(self, prompts: list[str]) -> list:
         """Generates all prompts; a failing batch is split in halves until the failing rows
-        are alone, and a row that fails ``max_attempts`` times alone gets its exception."""
-        results: list = [None] * len(prompts)
-
-        def solve(idx: list[int]) -> None:
-            if not idx:
-                return
-            try:
-                gens = self.engine.generate([prompts[i] for i in idx])
-            except GenerationError as e:
-                if len(idx) == 1:
-                    for attempt in range(2, self.max_attempts + 1):
-                        try:
-                            results[idx[0]] = self.engine.generate([prompts[idx[0]]])[0]
-                            return
-                        except GenerationError as again:
-                            e = again
-                    log.warning("row rejected after %d attempts: %s", self.max_attempts, e)
-                    results[idx[0]] = e
-                    return
-                log.warning("batch of %d failed (%s): bisecting", len(idx), e)
-                mid = len(idx) // 2
-                solve(idx[:mid])
-                solve(idx[mid:])
-                return
-            for i, g in zip(idx, gens):
-                results[i] = g
-
-        solve(list(range(len(prompts))))
-        return results
+        are alone, and a row that fails ``max_attempts`` times alone gets its exception,
+        unless so many fail that the engine is to blame (failures.py: EngineFailing)."""
+        return self.failures.run(len(prompts),
+                                 lambda idx: self.engine.generate([prompts[i] for i in idx]))
 
 
 @dataclass
@@ -111,6 +90,7 @@ class FuseJob:
     template: PromptTemplate = field(default_factory=PromptTemplate)
     chunk_size: int = 1000
     max_attempts: int = 3
+    transient_reasons = FUSE_TRANSIENT_REASONS     # class constant, not a field
 
     def settings(self, revision: str | None) -> dict:
         """The output-shaping settings (hashed; a change needs --force)."""

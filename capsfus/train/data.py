@@ -253,9 +253,10 @@ class _AtomicText:
 
     def __init__(self, path: Path):
         import os
-        import tempfile
+
+        from ..rundir.io import mkstemp_shared
         self.path = path
-        fd, self.tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+        fd, self.tmp = mkstemp_shared(path)     # mode as the umask says, not mkstemp's 0600
         self.f = os.fdopen(fd, "w", encoding="utf-8")
 
     def write(self, line: str) -> None:
