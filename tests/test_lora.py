@@ -1,0 +1,210 @@
+"""``capsfus train --lora``: a real LoRA (PEFT) training of a tiny random LLaMA on one CPU
+rank, SIGKILLed after a complete checkpoint and resumed exactly; the export is an adapter
+folder that ``capsfus fuse`` loads on its base (``--model ADAPTER`` or ``--model BASE
+--adapter ADAPTER``), merged, exactly once, with the adapter's sha256 in the stage settings.
+A short prompt (``--prompt-file``) is trained on and fused with, and recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from runhelp import REPO, assert_exactly_once, capsfus, env
+from test_train import (
+    _group_alive,
+    _stepped_past_a_checkpoint,
+    assert_redone_steps_identical,
+    fusion_rows,
+    read_log,
+    write_config,
+    write_jsonl,
+)
+
+SHORT_PROMPT = "Sentence 1: {raw}\nSentence 2: {synthetic}\nMerged:\n"
+
+
+def _train_args(src, base, cfg, out, prompt, *extra):
+    return [sys.executable, "-m", "capsfus.cli", "train", "--data", str(src), "--base-model",
+            str(base), "--config", str(cfg), "--output", str(out), "--prompt-file", str(prompt),
+            "--lora", "4", "--lora-alpha", "16", "--lora-dropout", "0.0", *extra]
+
+
+def test_lora_train_kill_resume_export_fuse(tmp_path, tiny_llama_dir):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from capsfus.engines.adapter import adapter_sha256
+    from capsfus.train.checkpoints import latest_complete
+    from capsfus.train.data import load_rows
+    from capsfus.train.trainer import heldout_loss
+    steps = 16
+    src = write_jsonl(tmp_path / "rows.jsonl", fusion_rows())
+    prompt = tmp_path / "short.txt"
+    prompt.write_text(SHORT_PROMPT)
+    cfg = write_config(tmp_path / "tiny.yaml", global_batch_size=4, per_device_batch_size=4,
+                       max_steps=steps, learning_rate=1e-2, warmup_steps=2, eval_fraction=0.1,
+                       save_steps=2, save_total_limit=2, eval_steps=1000, logging_steps=1,
+                       deepspeed="", chat_template="off")
+    out = tmp_path / "out"
+    args = _train_args(src, tiny_llama_dir, cfg, out, prompt)
+
+    # 1. run, SIGKILL the process group once a checkpoint is complete and a step past it
+    p = subprocess.Popen(args, cwd=REPO, env=env(), start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not _stepped_past_a_checkpoint(out):
+        assert p.poll() is None, f"training ended early: {p.stderr.read()[-3000:]}"
+        assert time.time() < deadline, "no complete checkpoint in time"
+        time.sleep(0.02)
+    time.sleep(random.uniform(0, 0.3))
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    t = time.time()
+    while _group_alive(p.pid) and time.time() < t + 10:
+        time.sleep(0.1)
+    assert not (out / "model").exists(), "the run finished before the kill: test is void"
+    ckpt = latest_complete(out / "checkpoints")
+    assert (ckpt / "adapter_model.safetensors").is_file(), sorted(os.listdir(ckpt))
+    assert not (ckpt / "model.safetensors").exists(), "a LoRA checkpoint holds the adapter only"
+
+    # 2. the same command resumes; the redone steps are bit-for-bit the same
+    p2 = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert p2.returncode == 0, p2.stderr[-4000:]
+    log = read_log(out)
+    starts = [e for e in log if e.get("event") == "start"]
+    assert len(starts) == 2 and starts[-1]["resume_from"] is not None
+    second = log[log.index(starts[-1]) + 1:]
+    resumed = int(starts[-1]["resume_from"].split("-")[1])
+    assert [e["step"] for e in second if "loss" in e] == list(range(resumed + 1, steps + 1))
+    assert_redone_steps_identical(log)
+    losses = [e["loss"] for e in log if "loss" in e]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
+
+    # 3. the export: an adapter naming its base, the prompt, tokenizer, generation config
+    model_dir = out / "model"
+    for f in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json",
+              "generation_config.json", "prompt.txt", "heldout_ids.txt",
+              "capsfus_training.json"):
+        assert (model_dir / f).is_file(), f
+    assert not (model_dir / "model.safetensors").exists()
+    conf = json.loads((model_dir / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == str(tiny_llama_dir)
+    assert conf["r"] == 4 and conf["lora_alpha"] == 16
+    assert set(conf["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                           "gate_proj", "up_proj", "down_proj"}
+    info = json.loads((model_dir / "capsfus_training.json").read_text())
+    assert info["adapter"]["r"] == 4 and info["data"]["chat"] is False
+    assert (model_dir / "prompt.txt").read_text() == SHORT_PROMPT
+    weights = load_file(model_dir / "adapter_model.safetensors")
+    assert weights and all("lora_" in k for k in weights)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items()), \
+        "lora_B starts at zero: an adapter that never moved did not train"
+    # base + adapter reloaded gives the held-out loss training reported; the base alone does
+    # worse
+    from peft import PeftModel
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ev = load_rows(out / "data" / "eval.jsonl")
+    base_only = heldout_loss(base, ev, 3, tok.pad_token_id)["loss"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                                      model_dir).merge_and_unload()
+    again = heldout_loss(model, ev, 3, tok.pad_token_id)
+    assert again["loss"] == pytest.approx(info["heldout"]["loss"], rel=1e-4)
+    assert base_only > again["loss"] + 0.3
+    # the base folder is untouched (the adapter is all that trained)
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
+    assert all(torch.equal(fresh[k], v) for k, v in base.state_dict().items())
+
+    # 4. fuse with --model ADAPTER: its base, prompt and chat setting; exactly once; merged
+    run = out / "data-run"
+    capsfus("fuse", run, "--model", model_dir, "--max-new-tokens", 8, "--tag", "lora")
+    fused, rejected = assert_exactly_once(run, "fuse@lora")
+    assert len(fused) == len(fusion_rows()) and not rejected
+    sha = adapter_sha256(model_dir)
+    config = json.loads((run / "fuse@lora" / "config.json").read_text())
+    s = config["settings"]
+    assert s["adapter_sha256"] == sha and s["adapter_base"] == str(tiny_llama_dir)
+    assert s["chat_template"] == "off"
+    from capsfus.prompt import PromptTemplate
+    assert s["prompt_sha256"] == PromptTemplate.from_file(str(prompt)).sha256
+    # the fused captions are the adapter's: a plain fusion with the base differs
+    capsfus("fuse", run, "--model", tiny_llama_dir, "--prompt-file", prompt, "--chat-template",
+            "off", "--max-new-tokens", 8, "--tag", "base")
+    base_fused, _ = assert_exactly_once(run, "fuse@base")
+    by_id = {r["id"]: r["fused"] for r in base_fused}
+    assert sum(r["fused"] != by_id[r["id"]] for r in fused) > len(fused) // 2
+
+    # 5. --model BASE --adapter DIR: the same settings (hash included), nothing redone
+    again = capsfus("fuse", run, "--model", tiny_llama_dir, "--adapter", model_dir,
+                    "--max-new-tokens", 8, "--tag", "lora")
+    assert json.loads((run / "fuse@lora" / "config.json").read_text())["settings_hash"] == \
+        config["settings_hash"], again.stderr[-2000:]
+    # 6. another adapter (one weight changed) is another output: refused without --force
+    other = tmp_path / "other-adapter"
+    shutil.copytree(model_dir, other)
+    from safetensors.torch import save_file
+    w = load_file(other / "adapter_model.safetensors")
+    k = next(iter(w))
+    w[k] = w[k] + 1.0
+    save_file(w, other / "adapter_model.safetensors", metadata={"format": "pt"})
+    assert adapter_sha256(other) != sha
+    p6 = capsfus("fuse", run, "--model", other, "--max-new-tokens", 8, "--tag", "lora",
+                 check=False)
+    assert p6.returncode != 0 and "adapter_sha256" in p6.stderr and \
+        "Traceback" not in p6.stderr, p6.stderr[-2000:]
+
+
+def test_engine_merges_adapter_and_matches_unmerged(tmp_path, tiny_llama_dir):
+    """The merged model the engine fuses with computes what base + adapter computes."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from capsfus.engines import EngineSpec, load_engine
+    torch.manual_seed(1)
+    m = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                       LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    m.save_pretrained(tmp_path / "ad")
+    eng = load_engine(EngineSpec(engine="transformers", model=str(tiny_llama_dir),
+                                 adapter=str(tmp_path / "ad"), chat_template="off"))
+    assert eng.runtime()["adapter_merged"] is True
+    assert eng.describe()["adapter"]["sha256"]
+    ids = torch.tensor([[1, 5, 9, 30, 41, 7]])
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                                    tmp_path / "ad").eval()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    with torch.no_grad():
+        got, want, base = (x(input_ids=ids).logits for x in (eng.model, ref, plain))
+    assert torch.allclose(got, want, atol=1e-4)
+    assert not torch.allclose(got, base, atol=1e-2)
+    out = eng.generate(["Sentence 1: a red car\nSentence 2: a car\nMerged:"])
+    assert len(out) == 1 and out[0].n_tokens > 0
+
+
+def test_lora_errors_are_one_line(tmp_path, tiny_llama_dir):
+    src = write_jsonl(tmp_path / "rows.jsonl", fusion_rows())
+    p = capsfus("train", "--data", src, "--base-model", tiny_llama_dir, "--no-deepspeed",
+                "--lora", "4", "--lora-target-modules", "nope_proj", "--max-steps", 1,
+                "--eval-fraction", 0.1, "--global-batch-size", 4, "--per-device-batch-size", 4,
+                "-o", tmp_path / "o", check=False)
+    assert p.returncode != 0 and "training failed" in p.stderr
+    # rank 0 writes to the terminal: one line saying what is wrong, no traceback
+    assert "error: --lora-target-modules: nope_proj not in the model" in p.stderr, \
+        p.stderr[-2000:]
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
+    p = capsfus("fuse", tmp_path / "o" / "data-run", "--model", tiny_llama_dir, "--adapter", tmp_path,
+                check=False)
+    assert p.returncode != 0 and "adapter_config.json" in p.stderr and \
+        "Traceback" not in p.stderr, p.stderr[-1500:]
