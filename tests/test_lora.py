@@ -208,3 +208,62 @@ def test_lora_errors_are_one_line(tmp_path, tiny_llama_dir):
                 check=False)
     assert p.returncode != 0 and "adapter_config.json" in p.stderr and \
         "Traceback" not in p.stderr, p.stderr[-1500:]
+
+
+def _tiny_adapter(tiny_llama_dir, folder: Path) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.manual_seed(2)
+    m = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                       LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    m.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(folder)
+    (folder / "prompt.txt").write_text(SHORT_PROMPT)
+    (folder / "capsfus_training.json").write_text(json.dumps({
+        "base_model": str(tiny_llama_dir), "data": {"chat": False},
+        "config": {"learning_rate": 5e-4, "max_steps": 40}, "heldout": {"loss": 1.0}}))
+    return folder
+
+
+def test_push_adapter_with_card_naming_its_base(hub, tiny_llama_dir, tmp_path):
+    from test_push import card_yaml, push
+    ad = _tiny_adapter(tiny_llama_dir, tmp_path / "ad")
+    repo = hub.repo_id(stem="fuse-lora")
+    push(hub, "model", ad, "--repo", repo, "--license", "apache-2.0")
+    api = hub.api()
+    files = {f.path for f in api.list_repo_tree(repo, recursive=True)}
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "prompt.txt",
+            "tokenizer.json"} <= files
+    assert "model.safetensors" not in files and "capsfus_training.json" not in files
+    card = Path(api.hf_hub_download(repo, "README.md", cache_dir=tmp_path / "c")).read_text()
+    meta = card_yaml(card)
+    assert meta["library_name"] == "peft" and "lora" in meta["tags"]
+    assert f"for the base model `{tiny_llama_dir}`" in card and "LoRA adapter (rank 4" in card
+    assert "Merged:" in card
+    snippet = card.split("```python\n")[1].split("\n```")[0]
+    assert "PeftModel.from_pretrained" in snippet
+    got = hub.python(f"""
+        import contextlib, io, json, torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        base = AutoModelForCausalLM.from_pretrained({str(tiny_llama_dir)!r})
+        remote = PeftModel.from_pretrained(base, {repo!r}).merge_and_unload()
+        local = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained({str(tiny_llama_dir)!r}),
+            {str(ad)!r}).merge_and_unload()
+        ids = torch.tensor([[1, 5, 9, 30]])
+        with torch.no_grad():
+            diff = (remote(input_ids=ids).logits - local(input_ids=ids).logits).abs().max().item()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec({snippet!r}, {{}})                  # the card's snippet, as printed
+        print(json.dumps({{"diff": diff, "snippet": out.getvalue()}}))
+    """)
+    assert got["diff"] == 0.0
+    import ast
+    fused = ast.literal_eval(got["snippet"].strip().splitlines()[-1])
+    assert isinstance(fused, list) and len(fused) == 1
