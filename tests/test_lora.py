@@ -76,6 +76,16 @@ def test_lora_train_kill_resume_export_fuse(tmp_path, tiny_llama_dir):
     assert (ckpt / "adapter_model.safetensors").is_file(), sorted(os.listdir(ckpt))
     assert not (ckpt / "model.safetensors").exists(), "a LoRA checkpoint holds the adapter only"
 
+    # 1b. --export-now: the latest complete checkpoint as the export, marked as stopped early
+    p1 = subprocess.run(args + ["--export-now"], cwd=REPO, env=env(), capture_output=True,
+                        text=True, timeout=300)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    early = json.loads((out / "model" / "capsfus_training.json").read_text())
+    assert early["stopped_at_step"] == int(ckpt.name.split("-")[1]) == early["global_step"]
+    assert early["planned_steps"] == steps and (out / "model" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "model" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == str(tiny_llama_dir)
+
     # 2. the same command resumes; the redone steps are bit-for-bit the same
     p2 = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert p2.returncode == 0, p2.stderr[-4000:]
@@ -103,6 +113,7 @@ def test_lora_train_kill_resume_export_fuse(tmp_path, tiny_llama_dir):
                                            "gate_proj", "up_proj", "down_proj"}
     info = json.loads((model_dir / "capsfus_training.json").read_text())
     assert info["adapter"]["r"] == 4 and info["data"]["chat"] is False
+    assert info["global_step"] == steps and "stopped_at_step" not in info
     assert (model_dir / "prompt.txt").read_text() == SHORT_PROMPT
     weights = load_file(model_dir / "adapter_model.safetensors")
     assert weights and all("lora_" in k for k in weights)

@@ -71,6 +71,9 @@ def _train_options(f):
         click.option("--no-deepspeed", is_flag=True, help="Plain Trainer (DDP when ranks > 1)."),
         click.option("--mask-prompt/--no-mask-prompt", default=None,
                      help="Loss on the fused caption only (default) or on the whole text."),
+        click.option("--export-now", is_flag=True,
+                     help="Do not train further: export the latest complete checkpoint as "
+                          "OUTPUT/model (a time-boxed run stopped early; recorded as such)."),
         click.option("--force", is_flag=True,
                      help="Start over: delete this output's checkpoints and export."),
     ]
@@ -159,7 +162,7 @@ def prepare_job(console, kw: dict, world_size: int):
                             f"hyperparameters or number of ranks): rerun with the same ones "
                             f"to resume, pass --force to start over, or use another --output")
         done = exported(out)
-        if done and done.get("settings_hash") == h:
+        if done and done.get("settings_hash") == h and not done.get("stopped_at_step"):
             console.print(f"already trained: {out / 'model'} (held-out loss "
                           f"{done['heldout']['loss']:.4f}); --force starts over")
             return None
@@ -209,6 +212,11 @@ def train_cmd(nproc, **kw):
     out = Path(kw["output"]).resolve()
     if job is None:
         return
+    if kw.get("export_now"):
+        from ..train.lora import export_checkpoint
+        export_checkpoint(job)
+        _print_result(console, out)
+        return
     ds = job.config["deepspeed"]
     console.print(f"training {job.config['base_model']} on {nproc} rank(s)"
                   f"{' with DeepSpeed ' + Path(ds).name if ds else ''}"
@@ -241,6 +249,9 @@ def add_train_commands(main, submit, executor_options, executor_kwargs) -> None:
 
         from ..executors.slurm import ExecutorSettings
         console = Console(stderr=True)
+        if kw.pop("export_now", False):
+            raise UserError("--export-now exports here, not on the cluster: run `capsfus train "
+                            "--export-now` with the same flags")
         es = ExecutorSettings(**executor_kwargs(kw))
         per_node = es.gpus_per_node or es.workers_per_node
         world = es.nodes * per_node
