@@ -213,7 +213,7 @@ def train_cmd(nproc, **kw):
     if job is None:
         return
     if kw.get("export_now"):
-        from ..train.lora import export_checkpoint
+        from ..train.export_now import export_checkpoint
         export_checkpoint(job)
         _print_result(console, out)
         return
