@@ -59,6 +59,12 @@ def engine_options(f):
         click.option("--revision", help="Hub revision (branch, tag or commit); resolved to a "
                                         "commit and recorded."),
         click.option("--gguf-file", help="Load this GGUF file from the model folder."),
+        click.option("--adapter", type=click.Path(exists=True, file_okay=False),
+                     help="transformers engine: a LoRA adapter folder (`capsfus train --lora`"
+                          " export) on top of --model, merged into it; --model ADAPTER_DIR "
+                          "alone uses the base the adapter names. Its prompt.txt and chat "
+                          "setting are used unless --prompt-file/--chat-template say "
+                          "otherwise."),
         click.option("--batch-size", type=int, help="Prompts per generate call (engine "
                                                     "default when unset)."),
         click.option("--max-new-tokens", default=80, show_default=True),
@@ -130,11 +136,14 @@ def spec_from(kw: dict):
                    top_k=kw["top_k"], seed=kw["seed"])
     if dec.max_new_tokens < 1 or dec.num_beams < 1:
         raise UserError("--max-new-tokens and --num-beams must be at least 1")
+    if kw.get("adapter") and kw["engine"] != "transformers":
+        raise UserError("--adapter goes with --engine transformers (merge the adapter into the "
+                        "base for other engines)")
     return EngineSpec(engine=kw["engine"], model=kw.get("model"), revision=kw.get("revision"),
                       decoding=dec, batch_size=kw.get("batch_size"),
                       max_prompt_tokens=kw.get("max_prompt_tokens"),
                       chat_template=kw["chat_template"], dtype=kw["dtype"],
-                      gguf_file=kw.get("gguf_file"),
+                      gguf_file=kw.get("gguf_file"), adapter=kw.get("adapter"),
                       tensor_parallel_size=kw["tensor_parallel_size"],
                       endpoint=record_endpoint(kw.get("endpoint")),
                       api_key_env=kw.get("api_key_env"))
@@ -241,6 +250,29 @@ def fuse_stage_options(f):
     return f
 
 
+def adapter_defaults(kw: dict) -> dict:
+    """An adapter exported by `capsfus train --lora` fuses with the prompt and chat setting
+    it was trained on, unless --prompt-file/--chat-template are given."""
+    from ..engines.adapter import is_adapter, read_adapter
+    if kw.get("engine", "transformers") != "transformers":
+        return kw
+    folder = kw.get("adapter") or (kw.get("model") if is_adapter(kw.get("model")) else None)
+    if not folder:
+        return kw
+    from ..engines.adapter import locate_base
+    a = read_adapter(folder)
+    kw = dict(kw)
+    if not kw.get("adapter"):
+        # --model ADAPTER_DIR is --model BASE --adapter ADAPTER_DIR: the same settings
+        kw["adapter"], kw["model"] = folder, locate_base(a.base_model)
+        kw["gguf_file"] = kw.get("gguf_file") or a.gguf_file
+    if not kw.get("prompt_file") and a.prompt_file:
+        kw["prompt_file"] = a.prompt_file
+    if kw.get("chat_template", "auto") == "auto" and a.chat is not None:
+        kw["chat_template"] = "on" if a.chat else "off"
+    return kw
+
+
 def fuse_job(run_dir, tag, chunk_size, max_attempts, kw):
     """(run, manifest, FuseJob) from the fuse options."""
     from ..prompt import PromptTemplate
@@ -250,7 +282,7 @@ def fuse_job(run_dir, tag, chunk_size, max_attempts, kw):
         raise UserError("--chunk-size must be at least 1")
     run = Run(Path(run_dir).resolve())  # workers and logs get absolute paths
     manifest = run.manifest()
-    kw = recorded_model(run, stage_name("fuse", tag), kw)
+    kw = adapter_defaults(recorded_model(run, stage_name("fuse", tag), kw))
     template = PromptTemplate.from_file(kw["prompt_file"]) if kw.get("prompt_file") \
         else PromptTemplate()
     job = FuseJob(run_dir=str(run.root), stage=stage_name("fuse", tag), spec=spec_from(kw),

@@ -27,6 +27,17 @@ def _train_options(f):
         click.option("--base-model", "-m", help="Hub id or local folder of the model to "
                                                 "finetune (default: from --config)."),
         click.option("--revision", help="Hub revision of the base model."),
+        click.option("--gguf-file", help="Load the base model from this GGUF file inside the "
+                                         "--base-model folder (dequantized for training)."),
+        click.option("--lora", "lora_r", type=int, help="Train a LoRA adapter of this rank on "
+                     "the frozen base instead of every weight (0: full finetuning)."),
+        click.option("--lora-alpha", type=float, help="LoRA scaling alpha (default 2 x rank)."),
+        click.option("--lora-dropout", type=float, help="Dropout on the LoRA path (default "
+                                                        "0.05)."),
+        click.option("--lora-target-modules", help="Comma-separated module names to adapt "
+                     "(default: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)."),
+        click.option("--chat-template", type=click.Choice(["auto", "on", "off"]),
+                     help="As `capsfus fuse --chat-template` (default auto)."),
         click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
                      help="YAML training settings (default: jobs/train-capsfus-llama-13b.yaml"
                           ", the paper's Sec. 8 preset); flags below override it."),
@@ -60,6 +71,9 @@ def _train_options(f):
         click.option("--no-deepspeed", is_flag=True, help="Plain Trainer (DDP when ranks > 1)."),
         click.option("--mask-prompt/--no-mask-prompt", default=None,
                      help="Loss on the fused caption only (default) or on the whole text."),
+        click.option("--export-now", is_flag=True,
+                     help="Do not train further: export the latest complete checkpoint as "
+                          "OUTPUT/model (a time-boxed run stopped early; recorded as such)."),
         click.option("--force", is_flag=True,
                      help="Start over: delete this output's checkpoints and export."),
     ]
@@ -72,7 +86,9 @@ def _overrides(kw: dict) -> dict:
     o = {k: kw.get(k) for k in ("eval_fraction", "epochs", "max_steps", "learning_rate",
                                 "warmup_steps", "global_batch_size", "per_device_batch_size",
                                 "save_steps", "save_total_limit", "eval_steps",
-                                "gradient_checkpointing", "mask_prompt", "revision")}
+                                "gradient_checkpointing", "mask_prompt", "revision", "gguf_file",
+                                "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                                "chat_template")}
     o["base_model"] = kw.get("base_model")
     o["prompt_file"] = str(Path(kw["prompt_file"]).resolve()) if kw.get("prompt_file") else None
     if kw.get("deepspeed_file"):
@@ -109,7 +125,7 @@ def prepare_job(console, kw: dict, world_size: int):
             elif p.exists():
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    path, revision = resolve_model(cfg.base_model, cfg.revision)
+    path, revision = resolve_model(cfg.base_model, cfg.revision, cfg.gguf_file)
 
     def shard_fn(inputs, dest, raw_col, synthetic_col):
         ingest_with_progress(console, "sharding", inputs, dest, 100_000, raw_col,
@@ -117,14 +133,16 @@ def prepare_job(console, kw: dict, world_size: int):
     source = resolve_source(kw["data"], out, kw.get("stage_opt"), kw.get("fused_col"),
                             kw.get("raw_col"), kw.get("synthetic_col"), shard_fn)
     from transformers import AutoTokenizer
+    gguf = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **gguf)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the tokenizer of {cfg.base_model}: "
                         f"{str(e).strip().splitlines()[0]}") from None
     console.print(f"tokenizing stage [bold]{source.stage}[/] of {source.run.root} "
                   f"(fused caption: {source.fused_col})")
-    info = prepare(source, tokenizer, cfg.base_model, context_length(path, tokenizer), cfg,
+    info = prepare(source, tokenizer, cfg.base_model,
+                   context_length(path, tokenizer, cfg.gguf_file), cfg,
                    out / "data", console)
     c = info["counts"]
     console.print(f"  {c['train']:,} training rows, {c['eval']:,} held out "
@@ -144,7 +162,7 @@ def prepare_job(console, kw: dict, world_size: int):
                             f"hyperparameters or number of ranks): rerun with the same ones "
                             f"to resume, pass --force to start over, or use another --output")
         done = exported(out)
-        if done and done.get("settings_hash") == h:
+        if done and done.get("settings_hash") == h and not done.get("stopped_at_step"):
             console.print(f"already trained: {out / 'model'} (held-out loss "
                           f"{done['heldout']['loss']:.4f}); --force starts over")
             return None
@@ -194,6 +212,11 @@ def train_cmd(nproc, **kw):
     out = Path(kw["output"]).resolve()
     if job is None:
         return
+    if kw.get("export_now"):
+        from ..train.export_now import export_checkpoint
+        export_checkpoint(job)
+        _print_result(console, out)
+        return
     ds = job.config["deepspeed"]
     console.print(f"training {job.config['base_model']} on {nproc} rank(s)"
                   f"{' with DeepSpeed ' + Path(ds).name if ds else ''}"
@@ -226,6 +249,9 @@ def add_train_commands(main, submit, executor_options, executor_kwargs) -> None:
 
         from ..executors.slurm import ExecutorSettings
         console = Console(stderr=True)
+        if kw.pop("export_now", False):
+            raise UserError("--export-now exports here, not on the cluster: run `capsfus train "
+                            "--export-now` with the same flags")
         es = ExecutorSettings(**executor_kwargs(kw))
         per_node = es.gpus_per_node or es.workers_per_node
         world = es.nodes * per_node

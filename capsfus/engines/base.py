@@ -46,6 +46,7 @@ class EngineSpec:
     chat_template: str = "auto"       # auto | on | off
     dtype: str = "auto"
     gguf_file: str | None = None
+    adapter: str | None = None        # a LoRA adapter folder on top of ``model`` (transformers)
     tensor_parallel_size: int = 1
     device: str = "auto"
     endpoint: str | None = None       # openai: the server's base URL (not output-shaping)

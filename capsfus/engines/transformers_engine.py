@@ -88,16 +88,24 @@ class TransformersEngine(HFTokenizerMixin, Engine):
 
     def __init__(self, spec: EngineSpec):
         super().__init__(spec)
-        load_path, self.revision = resolve_model(spec.model, spec.revision, spec.gguf_file)
+        from . import adapter as lora
+        base, gguf_file, self.adapter = lora.resolve(spec.model, spec.adapter, spec.gguf_file)
+        load_path, self.revision = resolve_model(base, spec.revision, gguf_file)
+        if self.adapter:
+            lora.check_base(self.adapter, self.revision)
+        self.gguf_file = gguf_file
         self.device = pick_device(spec.device)
         self.dtype = pick_dtype(spec.dtype, self.device)
-        extra = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(load_path, **extra)
             model = AutoModelForCausalLM.from_pretrained(load_path, dtype=self.dtype, **extra)
         except (OSError, ValueError) as e:
-            raise UserError(f"cannot load model {spec.model}: {str(e).strip().splitlines()[0]}"
+            raise UserError(f"cannot load model {base}: {str(e).strip().splitlines()[0]}"
                             ) from None
+        self.merged = False
+        if self.adapter:
+            model, self.merged = lora.attach(model, self.adapter)
         self.model = model.to(self.device).eval()
         self.batch_size = spec.batch_size or DEFAULT_BATCH_SIZE
         self._setup_generation()
@@ -159,13 +167,16 @@ class TransformersEngine(HFTokenizerMixin, Engine):
     def describe(self) -> dict:
         d = super().describe()
         d["revision"] = self.revision
-        if self.spec.gguf_file:
-            d["gguf_file"] = self.spec.gguf_file
+        if self.gguf_file:
+            d["gguf_file"] = self.gguf_file
+        if self.adapter:
+            d["adapter"] = self.adapter.describe()
         return d
 
     def runtime(self) -> dict:
         import transformers
         return {"batch_size": self.batch_size, "device": str(self.device),
+                "adapter_merged": self.merged,
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                 "transformers": transformers.__version__}

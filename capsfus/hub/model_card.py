@@ -106,6 +106,16 @@ def read_prompt(ckpt: Path) -> tuple[str, str]:
     return t.body + t.cue, "capsfus' default, the paper's fusion prompt"
 
 
+def _adapter_config(ckpt: Path) -> dict | None:
+    p = ckpt / "adapter_config.json"
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except ValueError:
+        raise UserError(f"{p} is not valid JSON") from None
+
+
 def training_info(ckpt: Path) -> dict | None:
     p = ckpt / TRAINING_INFO
     if not p.is_file():
@@ -187,6 +197,27 @@ fused = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_specia
 print([f.strip() for f in fused])'''
 
 
+def adapter_snippet(repo_id: str, prompt: str, chat: bool, base: str,
+                    gguf_file: str | None) -> str:
+    """The transformers snippet for a LoRA adapter: the base, then the adapter merged in."""
+    plain = transformers_snippet(repo_id, prompt, chat)
+    gguf = f", gguf_file={gguf_file!r}" if gguf_file else ""
+    head = f'''import re
+
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base = "{base}"   # the base this adapter was trained on (LoRA: the adapter alone is no model)
+repo = "{repo_id}"
+tokenizer = AutoTokenizer.from_pretrained(repo, padding_side="left")
+if tokenizer.pad_token is None:
+    tokenizer.pad_token = tokenizer.eos_token
+model = AutoModelForCausalLM.from_pretrained(base{gguf}, dtype="auto")
+model = PeftModel.from_pretrained(model, repo).merge_and_unload()
+'''
+    return head + plain.split('dtype="auto")\n', 1)[1]
+
+
 def vllm_snippet(repo_id: str) -> str:
     return f'''from vllm import LLM, SamplingParams
 from vllm.sampling_params import BeamSearchParams
@@ -212,7 +243,9 @@ def render_model_card(ckpt: Path, repo_id: str, base_model: str | None = None,
 
     from .. import __version__
     info = training_info(ckpt)
-    base = base_model or (info or {}).get("base_model")
+    adapter = _adapter_config(ckpt)
+    base = base_model or (info or {}).get("base_model") or \
+        (adapter or {}).get("base_model_name_or_path")
     revision = (info or {}).get("base_revision")
     lic, lic_note = find_license(ckpt, base, revision, license)
     hub_base = base if base and HUB_ID.match(base) and not Path(base).exists() else None
@@ -221,9 +254,10 @@ def render_model_card(ckpt: Path, repo_id: str, base_model: str | None = None,
         meta["license"] = lic
     if hub_base:
         meta["base_model"] = hub_base
-    meta.update({"pipeline_tag": "text-generation", "library_name": "transformers",
-                 "language": ["en"],
-                 "tags": ["capsfusion", "caption-fusion", "image-captioning", "capsfus"]})
+    meta.update({"pipeline_tag": "text-generation",
+                 "library_name": "peft" if adapter else "transformers", "language": ["en"],
+                 "tags": ["capsfusion", "caption-fusion", "image-captioning", "capsfus"]
+                 + (["lora"] if adapter else [])})
     prompt, prompt_source = read_prompt(ckpt)
     chat = bool(((info or {}).get("data") or {}).get("chat"))
     if lic:
@@ -234,6 +268,15 @@ def render_model_card(ckpt: Path, repo_id: str, base_model: str | None = None,
                        f"of these weights; check it before use.")
     base_sentence = (f"It was fine-tuned from [`{hub_base}`](https://huggingface.co/{hub_base})."
                      if hub_base else f"It was fine-tuned from `{base}`." if base else "")
+    if adapter:
+        gguf = (info or {}).get("gguf_file")
+        named = f"[`{hub_base}`](https://huggingface.co/{hub_base})" if hub_base else f"`{base}`"
+        base_sentence = (f"It is a LoRA adapter (rank {adapter.get('r')}, alpha "
+                         f"{adapter.get('lora_alpha')}, on "
+                         f"{', '.join(sorted(adapter.get('target_modules') or []))}) for the "
+                         f"base model {named}" + (f" loaded from its GGUF file `{gguf}`"
+                                                  if gguf else "")
+                         + ": load the base, then this adapter (merged for speed).")
     values = {
         "yaml": yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(),
         "model_name": repo_id.split("/")[-1], "repo_id": repo_id,
@@ -241,7 +284,9 @@ def render_model_card(ckpt: Path, repo_id: str, base_model: str | None = None,
         "capsfus_version": __version__,
         "created": time.strftime("%Y-%m-%d", time.gmtime()),
         "prompt_source": prompt_source, "prompt_text": prompt,
-        "transformers_snippet": transformers_snippet(repo_id, prompt, chat),
+        "transformers_snippet": (adapter_snippet(repo_id, prompt, chat, base or "BASE",
+                                                 (info or {}).get("gguf_file"))
+                                 if adapter else transformers_snippet(repo_id, prompt, chat)),
         "vllm_snippet": vllm_snippet(repo_id),
         "training_section": _training_section(info),
         "license_section": lic_section,

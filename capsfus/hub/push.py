@@ -243,8 +243,10 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index
 def model_files(ckpt: Path) -> tuple[list[Path], list[str]]:
     """(files to upload, notes on what is left out); UserError when there are no safetensors
     weights or no config.json."""
-    if not (ckpt / "config.json").is_file():
-        raise UserError(f"{ckpt}: no config.json, not a transformers model folder")
+    adapter = (ckpt / "adapter_config.json").is_file()     # a LoRA adapter (PEFT)
+    if not adapter and not (ckpt / "config.json").is_file():
+        raise UserError(f"{ckpt}: no config.json, not a transformers model folder (nor an "
+                        f"adapter_config.json: not a LoRA adapter either)")
     weights = sorted(ckpt.glob("*.safetensors"))
     pickles = sorted(p.name for p in ckpt.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if not weights:
@@ -253,7 +255,8 @@ def model_files(ckpt: Path) -> tuple[list[Path], list[str]]:
         raise UserError(f"{ckpt}: no .safetensors weights{what}. Only safetensors are pushed: "
                         f"convert with AutoModelForCausalLM.from_pretrained(CKPT)"
                         f".save_pretrained(OUT) (safetensors by default), then push OUT")
-    files = weights + [ckpt / n for n in MODEL_FILES if (ckpt / n).is_file()]
+    names = MODEL_FILES + (("adapter_config.json",) if adapter else ())
+    files = weights + [ckpt / n for n in names if (ckpt / n).is_file()]
     notes = [f"left out (pickle, not pushed): {', '.join(pickles)}"] if pickles else []
     others = sorted(p.name for p in ckpt.iterdir()
                     if p.is_file() and p not in files and p.suffix not in PICKLE_SUFFIXES
@@ -273,7 +276,9 @@ def push_model(console, ckpt: Path, repo_id: str, private: bool, revision: str |
 
     from .model_card import read_prompt, render_model_card
     ckpt = Path(ckpt)
-    if not (ckpt / "config.json").is_file() and (ckpt / "model" / "config.json").is_file():
+    if not (ckpt / "config.json").is_file() and not (ckpt / "adapter_config.json").is_file() \
+            and ((ckpt / "model" / "config.json").is_file()
+                 or (ckpt / "model" / "adapter_config.json").is_file()):
         ckpt = ckpt / "model"          # a `capsfus train` output folder
     if not ckpt.is_dir():
         raise UserError(f"{ckpt}: no such folder")

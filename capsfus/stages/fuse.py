@@ -99,7 +99,21 @@ class FuseJob:
                 "revision": revision, "gguf_file": s.gguf_file,
                 "decoding": s.decoding.to_dict(), "max_prompt_tokens": s.max_prompt_tokens,
                 "chat_template": s.chat_template, "dtype": s.dtype,
-                "prompt_sha256": self.template.sha256, "prompt_source": self.template.source}
+                "prompt_sha256": self.template.sha256, "prompt_source": self.template.source,
+                **self._adapter_settings()}
+
+    def _adapter_settings(self) -> dict:
+        """A LoRA adapter's sha256 (and the base it names) when one is used; nothing
+        otherwise, so the settings of runs without one hash as before."""
+        from ..engines.adapter import is_adapter, read_adapter
+        s = self.spec
+        folder = s.adapter or (s.model if s.engine == "transformers" and is_adapter(s.model)
+                               else None)
+        if not folder:
+            return {}
+        a = read_adapter(folder)
+        return {"adapter_sha256": a.sha256, "adapter_base": a.base_model,
+                "adapter_base_revision": a.base_revision}
 
     def to_dict(self) -> dict:
         """Plain JSON (for submission records, so `resume` can rebuild the job)."""
@@ -123,8 +137,13 @@ class FuseJob:
         from dataclasses import replace
         revision = None
         if self.spec.engine not in ("echo", "openai"):     # openai: the server's model name
+            from ..engines.adapter import check_base, resolve
             from ..models import resolve_model
-            _, revision = resolve_model(self.spec.model, self.spec.revision, self.spec.gguf_file)
+            base, gguf_file, adapter = resolve(self.spec.model, self.spec.adapter,
+                                               self.spec.gguf_file)
+            _, revision = resolve_model(base, self.spec.revision, gguf_file)
+            if adapter:
+                check_base(adapter, revision)
         job = replace(self, spec=replace(self.spec, revision=revision))
         from .caption import caption_input
         input_stage = caption_input(run)

@@ -17,6 +17,8 @@ from ..errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DEEPSPEED = str(REPO / "jobs" / "deepspeed-zero3.json")
+# attention and MLP projections of LLaMA-style models (LLaMA, Mistral, Qwen, SmolLM2)
+DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 @dataclass
@@ -47,6 +49,13 @@ class TrainConfig:
     max_prompt_tokens: int | None = None  # default: as `capsfus fuse` (256, or less)
     chat_template: str = "auto"         # as `capsfus fuse --chat-template`
     prompt_file: str | None = None
+    gguf_file: str | None = None        # load the base from this GGUF file in its folder
+    # LoRA (PEFT): lora_r > 0 trains a low-rank adapter on the frozen base instead of every
+    # weight; the export is then the adapter (safetensors) + what is needed to use it
+    lora_r: int = 0
+    lora_alpha: float | None = None     # default 2 x lora_r
+    lora_dropout: float = 0.05
+    lora_target_modules: str = DEFAULT_LORA_TARGETS
     # bookkeeping (do not shape the model)
     save_steps: int = 500
     save_total_limit: int = 3
@@ -54,6 +63,7 @@ class TrainConfig:
     logging_steps: int = 10
     samples_per_eval: int = 4
     sample_max_new_tokens: int = 80
+    heldout_loss_rows: int = 0          # rows of the held-out set for the final loss (0: all)
 
     def __post_init__(self):
         if self.global_batch_size < 1 or self.per_device_batch_size < 1:
@@ -66,6 +76,18 @@ class TrainConfig:
             raise UserError(f"precision {self.precision!r}: choose auto, bf16, fp16 or fp32")
         if self.chat_template not in ("auto", "on", "off"):
             raise UserError(f"chat_template {self.chat_template!r}: choose auto, on or off")
+        if self.lora_r < 0:
+            raise UserError(f"--lora {self.lora_r}: the adapter's rank must be 1 or more "
+                            f"(0: full finetuning)")
+        if self.lora_r and not 0 <= self.lora_dropout < 1:
+            raise UserError(f"--lora-dropout {self.lora_dropout}: use a fraction in [0, 1)")
+        if self.lora_r and not self.target_modules():
+            raise UserError("--lora-target-modules: name at least one module (e.g. q_proj)")
+        if self.lora_r and self.lora_alpha is None:
+            self.lora_alpha = float(2 * self.lora_r)
+
+    def target_modules(self) -> list[str]:
+        return [m.strip() for m in (self.lora_target_modules or "").split(",") if m.strip()]
 
     @classmethod
     def load(cls, path: str | None, overrides: dict) -> "TrainConfig":
@@ -109,8 +131,15 @@ class TrainConfig:
     def settings(self) -> dict:
         """What shapes the model: a change means another training, not a resume."""
         skip = {"save_steps", "save_total_limit", "eval_steps", "logging_steps",
-                "samples_per_eval", "sample_max_new_tokens", "max_eval_rows"}
+                "samples_per_eval", "sample_max_new_tokens", "max_eval_rows",
+                "heldout_loss_rows"}
         d = {k: v for k, v in asdict(self).items() if k not in skip}
+        if not d["lora_r"]:
+            # full finetuning: the LoRA knobs shape nothing (and old outputs keep their hash)
+            for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"):
+                d.pop(k)
+        if not d["gguf_file"]:
+            d.pop("gguf_file")
         if d["deepspeed"]:
             d["deepspeed"] = json.loads(Path(d["deepspeed"]).read_text())
         return d

@@ -122,11 +122,12 @@ class _Tok:
         self.t.setup_chat(chat_mode, model)
 
 
-def context_length(model_path: str, tokenizer) -> int | None:
+def context_length(model_path: str, tokenizer, gguf_file: str | None = None) -> int | None:
     from transformers import AutoConfig
 
     from ..engines.transformers_engine import context_length as ctx
-    return ctx(AutoConfig.from_pretrained(model_path), tokenizer)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    return ctx(AutoConfig.from_pretrained(model_path, **extra), tokenizer)
 
 
 class Formatter:

@@ -3,6 +3,8 @@ transformers --model OUTPUT/model`` (and vLLM) load as is:
 
 - ``model.safetensors`` + ``config.json``: full weights, gathered from the ZeRO-3 shards on
   rank 0 (``stage3_gather_16bit_weights_on_model_save: true`` in the DeepSpeed config);
+  with ``--lora`` instead ``adapter_model.safetensors`` + ``adapter_config.json`` naming the
+  base as given to ``--base-model`` (lora.py);
 - the tokenizer; a neutral ``generation_config.json`` (special token ids only: decoding is
   chosen by ``capsfus fuse`` flags);
 - ``prompt.txt``: the exact prompt the model was trained on, in ``--prompt-file`` form (the
@@ -46,6 +48,10 @@ def export(trainer, tokenizer, job: TrainJob, metrics: dict) -> Path:
         if not any(tmp.glob("*.safetensors")):
             raise RuntimeError(f"no safetensors weights in {tmp}: the DeepSpeed config needs "
                                f"stage3_gather_16bit_weights_on_model_save: true")
+        cfg = job.cfg()
+        if cfg.lora_r:
+            from .lora import finish_export
+            finish_export(tmp, cfg.base_model)
         tokenizer.save_pretrained(str(tmp))
         GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id).save_pretrained(str(tmp))
@@ -54,6 +60,10 @@ def export(trainer, tokenizer, job: TrainJob, metrics: dict) -> Path:
         shutil.copyfile(Path(job.data_dir) / "heldout_ids.txt", tmp / "heldout_ids.txt")
         atomic_write_json(tmp / INFO, {
             "base_model": job.config["base_model"], "base_revision": job.model_revision,
+            "gguf_file": cfg.gguf_file,
+            "adapter": ({"type": "lora", "r": cfg.lora_r, "alpha": cfg.lora_alpha,
+                         "dropout": cfg.lora_dropout, "target_modules": cfg.target_modules()}
+                        if cfg.lora_r else None),
             "config": job.config, "world_size": job.world_size,
             "data": {k: data[k] for k in ("counts", "seq_len", "max_prompt_tokens", "chat")},
             "prompt_sha256": data["template"]["sha256"],

@@ -217,13 +217,24 @@ def main(output: str | Path) -> int:
         # process group before the model is built, or each rank partitions for itself alone
         import deepspeed
         deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
-    tokenizer = AutoTokenizer.from_pretrained(job.model_path)
+    extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(job.model_path, **extra)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=dtype, **extra)
+    if cfg.gguf_file:
+        # transformers dequantizes GGUF weights into plain tensors but keeps the model marked
+        # "quantized", which Trainer refuses to train: the weights are ordinary ones now
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
+    if cfg.lora_r:
+        from .lora import wrap
+        model = wrap(model, cfg)
     train_rows = load_rows(data_dir / "train.jsonl")
     eval_rows = load_rows(data_dir / "eval.jsonl")
     zero3 = bool(cfg.deepspeed) and json.loads(Path(cfg.deepspeed).read_text()).get(
@@ -244,7 +255,8 @@ def main(output: str | Path) -> int:
             f.write(json.dumps({"event": "start", "time": time.time(), "world_size": world(),
                                 "resume_from": resume.name if resume else None}) + "\n")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    loss = heldout_loss(trainer.model, eval_rows, cfg.per_device_batch_size,
+    loss_rows = eval_rows[:cfg.heldout_loss_rows] if cfg.heldout_loss_rows else eval_rows
+    loss = heldout_loss(trainer.model, loss_rows, cfg.per_device_batch_size,
                         tokenizer.pad_token_id)
     log.info("held-out loss %.4f over %d tokens", loss["loss"], loss["tokens"])
     from .export import export
@@ -256,4 +268,9 @@ def main(output: str | Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    from ..errors import UserError
+    try:
+        sys.exit(main(sys.argv[1]))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
