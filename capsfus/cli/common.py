@@ -364,3 +364,14 @@ def only_todo(run, prep, job_alive=None):
             continue
         todo.append(i)
     return replace(prep, shards=todo)
+
+
+def nothing_to_do(run, stage: str, n_selected: int, force_hint: bool = True) -> str:
+    """The line a local stage command prints when every selected shard is already done with
+    the same settings: said before any model is loaded."""
+    nxt = "`capsfus filter " + str(run.root) + "`" if stage.startswith("fuse") else \
+        "`capsfus fuse " + str(run.root) + "`"
+    redo = f"; to redo them with new settings add --force (or --tag NAME for a second " \
+           f"{stage.split('@')[0]})" if force_hint else ""
+    return (f"{stage}: nothing to do: all {n_selected} selected shard(s) are already done with "
+            f"these settings (no model loaded). Next: {nxt}{redo}.")

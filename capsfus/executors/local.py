@@ -61,6 +61,21 @@ def prepare(job: StageJob, shards: list[int] | None, force: bool = False) -> Pre
     return Prepared(job, h, input_stage, shards)
 
 
+def shard_is_finished(stage: StageDir, shard: int, settings_hash: str) -> bool:
+    """Done with these settings, its final files trusted and nothing left over: a worker
+    skips it."""
+    st = stage.read_state(shard)
+    return bool(st and st.get("status") == "done" and stage.final_is_trusted(st, settings_hash)
+                and not stage.has_leftovers(shard, st))
+
+
+def shards_with_work(prep: Prepared) -> list[int]:
+    """The selected shards a worker would run (not finished with these settings): when there
+    is none, a command can say so before loading any model."""
+    stage = StageDir(Run(Path(prep.job.run_dir)), prep.job.stage)
+    return [i for i in prep.shards if not shard_is_finished(stage, i, prep.settings_hash)]
+
+
 def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
                 heartbeat: float = DEFAULT_HEARTBEAT, child: bool = False,
                 job_alive=None) -> dict:
@@ -107,9 +122,7 @@ def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
         for shard in _rotate(prep.shards, worker_id):
             if shard in failed_here:
                 continue
-            st = stage.read_state(shard)
-            if st and st.get("status") == "done" and stage.final_is_trusted(
-                    st, prep.settings_hash) and not stage.has_leftovers(shard, st):
+            if shard_is_finished(stage, shard, prep.settings_hash):
                 continue
             res = run_shard(ctx, shard)
             summary["shards"][str(shard)] = res.status

@@ -1,0 +1,62 @@
+"""What a newcomer meets in the first hour (issue 14): the same model folder typed three ways
+is one model, a finished stage is not reloaded to do nothing, Ctrl-C says how to continue,
+`export` of an unfinished run names the local way and offers --allow-partial, `filter` says
+why shards are not done, an empty input file is called empty."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from runhelp import capsfus, env, write_rows
+
+
+def _cli_in(cwd: Path, *args) -> subprocess.CompletedProcess:
+    """The real CLI run from another working directory (relative paths resolve there)."""
+    return subprocess.run([sys.executable, "-m", "capsfus.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=240, env=env())
+
+
+def _workers_started(run: Path, stage: str = "fuse") -> int:
+    # every worker writes its log before it loads the engine: one file per model load
+    return len(list((run / stage / "logs").glob("worker-*.log")))
+
+
+def test_same_model_folder_typed_three_ways_and_a_finished_stage_loads_nothing(
+        tmp_path, tiny_llama_dir):
+    model = Path(tiny_llama_dir)
+    run = tmp_path / "run"
+    capsfus("shard", write_rows(tmp_path / "rows.jsonl", 12), "--out", run,
+            "--rows-per-shard", 6)
+    common = ("--engine", "transformers", "--max-new-tokens", 3, "--chat-template", "off")
+    # shard 0 only, by absolute path
+    capsfus("fuse", run, "--model", model, "--shards", "0", *common)
+    assert _workers_started(run) == 1
+    config = json.loads((run / "fuse" / "config.json").read_text())
+    assert config["settings"]["model"] == str(model.resolve())
+    # shard 1 is left: the same folder, relative with a trailing slash, is the same model, and
+    # a worker starts (loads the model) because there is work
+    rel = os.path.relpath(model, tmp_path) + "/"
+    p = _cli_in(tmp_path, "fuse", "run", "--model", rel, *common)
+    assert p.returncode == 0, p.stderr
+    assert "other settings" not in p.stderr
+    assert _workers_started(run) == 2
+    assert json.loads((run / "fuse" / "config.json").read_text())["settings_hash"] == \
+        config["settings_hash"]
+    # everything is done: a third call, typed yet another way, loads nothing and says so
+    p = _cli_in(model, "fuse", run, "--model", ".", *common)
+    assert p.returncode == 0, p.stderr
+    assert "nothing to do" in p.stdout + p.stderr
+    assert "no model loaded" in p.stdout + p.stderr
+    assert _workers_started(run) == 2
+    # a different folder still is other settings
+    other = tmp_path / "other-model"
+    other.mkdir()
+    for f in model.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    (other / "extra.json").write_text("{}")
+    p = capsfus("fuse", run, "--model", other, *common, check=False)
+    assert p.returncode == 2 and "other settings" in p.stderr and "model" in p.stderr
