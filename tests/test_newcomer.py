@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from runhelp import capsfus, env, write_rows
+from runhelp import assert_exactly_once, capsfus, env, write_rows
 
 
 def _cli_in(cwd: Path, *args) -> subprocess.CompletedProcess:
@@ -60,3 +62,28 @@ def test_same_model_folder_typed_three_ways_and_a_finished_stage_loads_nothing(
     (other / "extra.json").write_text("{}")
     p = capsfus("fuse", run, "--model", other, *common, check=False)
     assert p.returncode == 2 and "other settings" in p.stderr and "model" in p.stderr
+
+
+def test_ctrl_c_says_how_to_continue(tmp_path):
+    run = tmp_path / "run"
+    capsfus("shard", write_rows(tmp_path / "rows.jsonl", 400), "--out", run,
+            "--rows-per-shard", 400)
+    args = ["fuse", str(run), "--engine", "echo", "--chunk-size", "20"]
+    p = subprocess.Popen([sys.executable, "-m", "capsfus.cli", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         env=env(CAPSFUS_ECHO_SLEEP=0.01))
+    state = run / "fuse" / "state" / "00000.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:       # a chunk committed, the shard not finished
+        if state.exists() and json.loads(state.read_text()).get("rows_done", 0) >= 20:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "Aborted!" not in err and "Traceback" not in err
+    assert "interrupted" in err and f"capsfus {' '.join(args)}" in err and "again" in err
+    # ... and the same command does finish it, every row once
+    capsfus(*args)
+    out_rows, rej = assert_exactly_once(run)
+    assert len(out_rows) + len(rej) == 400
