@@ -87,3 +87,32 @@ def test_ctrl_c_says_how_to_continue(tmp_path):
     capsfus(*args)
     out_rows, rej = assert_exactly_once(run)
     assert len(out_rows) + len(rej) == 400
+
+
+def test_export_of_an_unfinished_run_names_the_local_way_and_allow_partial(tmp_path):
+    run = tmp_path / "run"
+    capsfus("shard", write_rows(tmp_path / "rows.jsonl", 30), "--out", run,
+            "--rows-per-shard", 10)
+    capsfus("fuse", run, "--engine", "echo", "--shards", "0,2")
+    p = capsfus("export", run, "--out", tmp_path / "ds", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert f"capsfus fuse {run}" in p.stderr           # the local way
+    assert "capsfus resume" in p.stderr and "--allow-partial" in p.stderr
+    assert not (tmp_path / "ds").exists()
+    capsfus("export", run, "--out", tmp_path / "ds", "--allow-partial")
+    summary = json.loads((tmp_path / "ds" / "capsfus-export.json").read_text())
+    assert summary["rows"]["exported"] == 20 and summary["rows"]["read"] == 30
+    assert summary["rows"]["excluded"] == {"not_done:fuse": 10}
+    assert summary["partial"] == {"unfinished_shards": [1], "shards": 3, "rows_left_out": 10,
+                                  "stages": ["fuse"]}
+    import pyarrow.parquet as pq
+    ids = pq.read_table(tmp_path / "ds" / "data").column("id").to_pylist()
+    assert sorted(ids) == sorted([f"rows.jsonl:{i}" for i in [*range(10), *range(20, 30)]])
+    card = (tmp_path / "ds" / "README.md").read_text()
+    assert "Partial export" in card and "1 of 3 shards" in card
+    # once finished, the same export is whole again (and says nothing of partial)
+    capsfus("fuse", run, "--engine", "echo")
+    capsfus("export", run, "--out", tmp_path / "ds", "--overwrite", "--allow-partial")
+    summary = json.loads((tmp_path / "ds" / "capsfus-export.json").read_text())
+    assert summary["rows"]["exported"] == 30 and summary["partial"]["unfinished_shards"] == []
+    assert "Partial export" not in (tmp_path / "ds" / "README.md").read_text()
