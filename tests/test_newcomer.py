@@ -116,3 +116,22 @@ def test_export_of_an_unfinished_run_names_the_local_way_and_allow_partial(tmp_p
     summary = json.loads((tmp_path / "ds" / "capsfus-export.json").read_text())
     assert summary["rows"]["exported"] == 30 and summary["partial"]["unfinished_shards"] == []
     assert "Partial export" not in (tmp_path / "ds" / "README.md").read_text()
+
+
+def test_filter_says_the_real_reason_shards_are_not_done(tmp_path):
+    run = tmp_path / "run"
+    capsfus("shard", write_rows(tmp_path / "rows.jsonl", 30), "--out", run,
+            "--rows-per-shard", 10)
+    p = capsfus("fuse", run, "--engine", "echo", "--shards", "0")
+    text = " ".join((p.stdout + p.stderr).split())
+    assert "2 shard(s) not done (not selected by --shards" in text     # here it is the reason
+    p = capsfus("filter", run)
+    text = " ".join((p.stdout + p.stderr).split())
+    assert "not selected" not in text
+    assert "2 shard(s) not done because stage fuse has not finished them" in text
+    assert f"capsfus fuse {run}" in text
+    # once fused, the same filter command finishes and says nothing is left
+    capsfus("fuse", run, "--engine", "echo")
+    p = capsfus("filter", run)
+    text = " ".join((p.stdout + p.stderr).split())
+    assert "3/3 shards done" in text and "not done" not in text

@@ -233,7 +233,8 @@ def fuse_job(run_dir, tag, chunk_size, max_attempts, kw):
     return run, manifest, job
 
 
-def print_stage_summary(console, run, name: str, summaries: list[dict]) -> None:
+def print_stage_summary(console, run, name: str, summaries: list[dict],
+                        shards_given: bool = False) -> None:
     from ..rundir.status import stage_status
     s = stage_status(run, name)
     c, r = s["counts"], s["rows"]
@@ -252,8 +253,38 @@ def print_stage_summary(console, run, name: str, summaries: list[dict]) -> None:
                       f"`capsfus status {run.root}` shows details.")
         sys.exit(1)
     if c["done"] < s["shards"] and not c["running"]:
-        console.print(f"{s['shards'] - c['done']} shard(s) not done (not selected, or held by "
-                      f"another worker): run the command again without --shards to finish.")
+        for line in not_done_reasons(run, name, shards_given):
+            console.print(line)
+
+
+def not_done_reasons(run, name: str, shards_given: bool) -> list[str]:
+    """Why the shards of a stage that are not done are not done, each with what to do: their
+    input stage has not finished them, --shards left them out, or another worker holds them."""
+    from ..rundir.stage import StageDir
+    sd = StageDir(run, name)
+    n = len(run.manifest()["shards"])
+    states = sd.all_states()
+    todo = [i for i in range(n) if (states.get(i) or {}).get("status") != "done"]
+    src = (sd.config() or {}).get("input_stage") or "input"
+    waiting = []
+    if src != "input":
+        src_states = StageDir(run, src).all_states()
+        waiting = [i for i in todo if (src_states.get(i) or {}).get("status") != "done"]
+    rest = [i for i in todo if i not in waiting]
+    lines = []
+    if waiting:
+        base, _, tag = src.partition("@")
+        cmd = f"capsfus {base} {run.root}" + (f" --tag {tag}" if tag else "")
+        lines.append(f"{len(waiting)} shard(s) not done because stage {src} has not finished "
+                     f"them (first: {waiting[0]}): finish it with `{cmd}` (or `capsfus resume "
+                     f"{run.root} --stage {src}` on SLURM), then run this command again.")
+    if rest:
+        why = ("not selected by --shards, or held by another worker: run the command again "
+               "without --shards to finish" if shards_given else
+               "held by another worker, or interrupted: run the command again to finish them "
+               f"(`capsfus status {run.root}` shows which)")
+        lines.append(f"{len(rest)} shard(s) not done ({why}).")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------

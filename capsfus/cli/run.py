@@ -106,7 +106,7 @@ def fuse(run_dir, shards, chunk_size, workers, tag, force, max_attempts, lease_t
     with StageProgress(str(run.root), name, console):
         summaries = run_local(prep, workers=workers, lease_ttl=lease_ttl,
                               heartbeat=min(30.0, lease_ttl / 4))
-    print_stage_summary(console, run, name, summaries)
+    print_stage_summary(console, run, name, summaries, shards_given=shards is not None)
 
 
 @click.group(context_settings=CONTEXT)
