@@ -135,3 +135,19 @@ def test_filter_says_the_real_reason_shards_are_not_done(tmp_path):
     p = capsfus("filter", run)
     text = " ".join((p.stdout + p.stderr).split())
     assert "3/3 shards done" in text and "not done" not in text
+
+
+def test_an_empty_input_file_is_called_empty(tmp_path):
+    for name, content in [("a.jsonl", ""), ("b.json", "[]"), ("c.json", ""),
+                          ("d.jsonl", "\n\n")]:
+        f = tmp_path / name
+        f.write_text(content)
+        p = capsfus("shard", f, "--out", tmp_path / f"run-{name}", check=False)
+        assert p.returncode == 2, (name, p.stderr)
+        assert f"{f} is empty (no rows)" in p.stderr, (name, p.stderr)
+        assert "columns: none" not in p.stderr and "Traceback" not in p.stderr
+    # the same file beside one with rows: the rows are sharded
+    rows = write_rows(tmp_path / "rows.jsonl", 5)
+    capsfus("shard", tmp_path / "a.jsonl", rows, "--out", tmp_path / "mixed")
+    m = json.loads((tmp_path / "mixed" / "manifest.json").read_text())
+    assert m["counts"]["accepted"] == 5
