@@ -151,3 +151,80 @@ def test_an_empty_input_file_is_called_empty(tmp_path):
     capsfus("shard", tmp_path / "a.jsonl", rows, "--out", tmp_path / "mixed")
     m = json.loads((tmp_path / "mixed" / "manifest.json").read_text())
     assert m["counts"]["accepted"] == 5
+
+
+# ------------------------------------------------------------------ the few-shot prompt file
+FEWSHOT_PROMPT = Path(__file__).resolve().parents[1] / "jobs" / "prompts" / \
+    "fuse-small-fewshot.yaml"
+
+
+def test_fewshot_prompt_file_renders_system_and_example_turns(tiny_llama_chat_dir):
+    from transformers import AutoTokenizer
+
+    from capsfus.engines.hf_tokenizer import HFTokenizerMixin
+    from capsfus.errors import UserError
+    from capsfus.ingest.example_data import example_rows
+    from capsfus.prompt import PromptBuilder, PromptTemplate, approx_tokens, approx_truncate
+
+    t = PromptTemplate.from_file(str(FEWSHOT_PROMPT))
+    assert t.system and len(t.examples) == 4 and t.has_context
+    assert t.sha256 != PromptTemplate().sha256
+    # the worked examples are real release rows, none of those the demo (0-23) or the
+    # measurement (8000-8199) fuse
+    rows = example_rows()
+    where = [next(i for i, r in enumerate(rows) if r["laion_2b"].strip() == raw)
+             for raw, _, _ in t.examples]
+    assert all(i >= 9000 for i in where), where
+    assert [rows[i]["capsfuion_official"] for i in where] == [f for _, _, f in t.examples]
+
+    class Tok(HFTokenizerMixin):
+        def __init__(self):
+            self.tokenizer = AutoTokenizer.from_pretrained(tiny_llama_chat_dir)
+            self.setup_chat("on", str(tiny_llama_chat_dir))
+
+    tok = Tok()
+    b = PromptBuilder(t, tok.count_tokens, tok.truncate, tok.caption_tokens, 4000,
+                      chat=tok.chat)
+    text = b.build("Acme Rocket 3000 (1999) | eBay", "a red toy on a table").text
+    assert text.count("<|system|>") == 1 and text.count("<|assistant|>") == 5
+    assert text.index("<|system|>") < text.index(t.examples[0][2]) < text.index("Acme Rocket")
+    assert text.rstrip().endswith("<|assistant|>")
+    # the same file as plain text (no chat template): examples end with their fused caption
+    plain = PromptBuilder(t, approx_tokens, approx_truncate, approx_tokens, 4000).build(
+        "Acme Rocket", "a toy").text
+    assert plain.startswith(t.system) and t.examples[3][2] in plain
+    # an engine that sends one user message cannot carry the examples: one clear line
+    try:
+        PromptBuilder(t, approx_tokens, approx_truncate, approx_tokens, 4000,
+                      chat=lambda user: user)
+        raise AssertionError("no error")
+    except UserError as e:
+        assert "few-shot" in str(e)
+
+
+def test_fewshot_prompt_through_fuse_and_a_preset_beside_its_prompt(tmp_path,
+                                                                    tiny_llama_chat_dir):
+    from capsfus.prompt import PromptTemplate
+    run = tmp_path / "run"
+    capsfus("shard", write_rows(tmp_path / "rows.jsonl", 6), "--out", run)
+    # a preset names its prompt file relative to itself; the command runs elsewhere (REPO)
+    (tmp_path / "presets" / "prompts").mkdir(parents=True)
+    # (the tiny model's context is 512 tokens: one short worked example)
+    prompt = tmp_path / "presets" / "prompts" / "p.yaml"
+    prompt.write_text("system: Merge the two captions.\nexamples:\n- raw: Ernie Watts 2016\n"
+                      "  synthetic: a man with a saxophone\n  fused: Ernie Watts performed "
+                      "in 2016.\nuser: 'Sentence 1: {raw} Sentence 2: {synthetic}'\n")
+    (tmp_path / "presets" / "fs.yaml").write_text(
+        "engine: transformers\nchat_template: 'on'\nprompt_file: prompts/p.yaml\n"
+        "max_new_tokens: 3\nmax_prompt_tokens: 300\n")
+    capsfus("fuse", run, "--preset", tmp_path / "presets" / "fs.yaml",
+            "--model", tiny_llama_chat_dir)
+    settings = json.loads((run / "fuse" / "config.json").read_text())["settings"]
+    assert settings["prompt_sha256"] == PromptTemplate.from_file(str(prompt)).sha256
+    out, rej = assert_exactly_once(run)
+    assert len(out) == 6 and not rej
+    # the hash covers the examples: one changed example is other settings
+    prompt.write_text(prompt.read_text().replace("Watts performed", "Watts played"))
+    p = capsfus("fuse", run, "--preset", tmp_path / "presets" / "fs.yaml",
+                "--model", tiny_llama_chat_dir, check=False)
+    assert p.returncode == 2 and "prompt_sha256" in p.stderr

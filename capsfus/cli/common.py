@@ -106,6 +106,14 @@ def load_preset(ctx, param, value):
     if unknown:
         raise click.BadParameter(f"{value}: unknown option(s) {', '.join(unknown)} for "
                                  f"`capsfus {ctx.command.name}`")
+    for key in ("prompt_file", "config"):
+        # a file named by a preset is found beside the preset (e.g. jobs/prompts/…), whatever
+        # the working directory
+        v = options.get(key)
+        if isinstance(v, str) and not Path(v).is_absolute():
+            beside = Path(value).resolve().parent / v
+            if beside.exists():
+                options[key] = str(beside)
     ctx.default_map = {**(ctx.default_map or {}), **options}
     return value
 

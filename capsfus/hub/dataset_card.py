@@ -162,7 +162,7 @@ def _prompt_text(settings: dict) -> str:
     try:
         tf = PromptTemplate.from_file(src)
         if tf.sha256 == settings.get("prompt_sha256"):
-            return tf.render_text("<raw caption>", "<synthetic caption>")
+            return tf.display()
     except UserError:
         pass
     return f"(a custom prompt file, {src}, sha256 {settings.get('prompt_sha256')})"
