@@ -233,6 +233,7 @@ def test_fewshot_prompt_through_fuse_and_a_preset_beside_its_prompt(tmp_path,
 
 # ------------------------------------------------------------------ the demo, end to end
 @pytest.mark.slow
+@pytest.mark.timeout(1500)   # a real model on a shared 2-core CPU
 def test_demo_fuses_real_rows_that_the_filter_keeps(tmp_path):
     """The real demo (SmolLM2-135M-Instruct, few-shot, CPU) on its first 8 rows: fusions the
     default filter keeps, a card that says what its caption column holds."""
