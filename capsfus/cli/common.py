@@ -408,8 +408,9 @@ def only_todo(run, prep, job_alive=None):
 def nothing_to_do(run, stage: str, n_selected: int, force_hint: bool = True) -> str:
     """The line a local stage command prints when every selected shard is already done with
     the same settings: said before any model is loaded."""
-    nxt = "`capsfus filter " + str(run.root) + "`" if stage.startswith("fuse") else \
-        "`capsfus fuse " + str(run.root) + "`"
+    tagged = f" --from-stage {stage}" if "@" in stage else ""
+    nxt = f"`capsfus filter {run.root}{tagged}`" if stage.startswith("fuse") else \
+        f"`capsfus fuse {run.root}`"
     redo = f"; to redo them with new settings add --force (or --tag NAME for a second " \
            f"{stage.split('@')[0]})" if force_hint else ""
     return (f"{stage}: nothing to do: all {n_selected} selected shard(s) are already done with "
