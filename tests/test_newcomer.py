@@ -253,3 +253,18 @@ def test_demo_fuses_real_rows_that_the_filter_keeps(tmp_path):
     card = (out / "export" / "README.md").read_text()
     assert "# Fused image captions" in card
     assert "fuse-small-fewshot.yaml" in p.stdout and "--model" in p.stdout
+
+
+def test_a_corrupted_final_file_is_work_not_nothing_to_do(tmp_path):
+    run = tmp_path / "run"
+    capsfus("shard", write_rows(tmp_path / "rows.jsonl", 20), "--out", run,
+            "--rows-per-shard", 10)
+    capsfus("fuse", run, "--engine", "echo")
+    p = capsfus("fuse", run, "--engine", "echo")
+    assert "nothing to do" in p.stdout + p.stderr and _workers_started(run) == 1
+    final = next((run / "fuse" / "out" / "00001").glob("*.zst"))
+    final.write_bytes(final.read_bytes()[:-5])            # truncated: its checksum fails
+    p = capsfus("fuse", run, "--engine", "echo")
+    assert "nothing to do" not in p.stdout + p.stderr and _workers_started(run) == 2
+    out, rej = assert_exactly_once(run)
+    assert len(out) + len(rej) == 20

@@ -70,9 +70,20 @@ def shard_is_finished(stage: StageDir, shard: int, settings_hash: str) -> bool:
 
 
 def shards_with_work(prep: Prepared) -> list[int]:
-    """The selected shards a worker would run (not finished with these settings): when there
-    is none, a command can say so before loading any model."""
+    """Selected shards a worker would run (not finished with these settings); empty when there
+    is nothing to do, so a command can say so before loading any model. The state files are
+    read first; the final files' checksums are verified only when every shard looks done (so
+    a run with work left is not hashed twice, and a corrupted final file still counts as
+    work)."""
     stage = StageDir(Run(Path(prep.job.run_dir)), prep.job.stage)
+    looks_todo = []
+    for i in prep.shards:
+        st = stage.read_state(i)
+        if not (st and st.get("status") == "done" and st.get("final")
+                and st.get("settings_hash") == prep.settings_hash):
+            looks_todo.append(i)
+    if looks_todo:
+        return looks_todo
     return [i for i in prep.shards if not shard_is_finished(stage, i, prep.settings_hash)]
 
 
