@@ -1,6 +1,6 @@
 """Shard ingest and I/O throughput, and the memory the ingest needs as its input grows.
 
-Inputs are made from the 10,000 real rows of ``../shared/data/capsfusion_example_10k.json``,
+Inputs are made from the 10,000 real rows of ``capsfusion_example_10k.json`` (tests/data/),
 repeated with a unique ``uid`` and ``image_url`` per row, in the CapsFusion-120M layout
 (``image_url, laion_2b, laion_coco, capsfusion``), as parquet (snappy, no dictionary encoding,
 row groups of 100k rows) and as ``.jsonl.zst``. Each is ingested with ``--id-col uid`` so the
@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO.parent / "shared" / "data" / "capsfusion_example_10k.json"
 CHUNK = 100_000
 
 
@@ -81,7 +80,8 @@ def child_read(run: str) -> dict:
 
 def child_writer(rows: int, folder: str) -> dict:
     from capsfus.rundir.io import JsonlZstWriter, dumps, iter_jsonl_zst
-    sample = json.loads(SAMPLE.read_text(encoding="utf-8"))
+    from capsfus.ingest.example_data import example_rows
+    sample = example_rows()
     made = [{"id": f"{i:09d}", "raw": r["laion_2b"], "synthetic": r["laion_coco"],
              "url": f"https://img.example.invalid/{i:09d}.jpg",
              "capsfusion": r["capsfuion_official"]} for i, r in enumerate(sample)]
@@ -166,9 +166,8 @@ def main() -> None:
                                       "removed at the end)")
     ap.add_argument("--out", default="shard_io.json", help="JSON results file")
     args = ap.parse_args()
-    if not SAMPLE.exists():
-        raise SystemExit(f"{SAMPLE} not found")
-    sample = json.loads(SAMPLE.read_text(encoding="utf-8"))
+    from capsfus.ingest.example_data import example_rows   # the rows in tests/data/
+    sample = example_rows()
     sizes = [int(s) for s in args.sizes.split(",")]
     formats = args.formats.split(",")
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="capsfus-bench-"))

@@ -60,6 +60,17 @@ def folder_digest(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def normalize_model(model: str | None) -> str | None:
+    """What the settings hash records for ``--model``: a local folder as its resolved absolute
+    path (no trailing slash, no ``..``, symlinks followed), so the same folder typed relative,
+    absolute or with a trailing slash compares equal; anything else (a Hub id) as given. What
+    the user typed stays in the engine spec, for display."""
+    if not model:
+        return model
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
 def resolve_model(model: str, revision: str | None = None,
                   gguf_file: str | None = None) -> tuple[str, str]:
     """Returns ``(load_path, revision_string)``; raises UserError with what to do otherwise."""

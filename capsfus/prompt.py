@@ -24,11 +24,19 @@ the hard limit instead: the raw caption is then cut only as far as the context r
 the row is rejected only when the instruction and synthetic caption alone do not fit the
 model. Rows of BLIP-length captions are built exactly as before. An explicit
 ``--max-prompt-tokens`` is strict.
+
+Few-shot prompt files (``--prompt-file X.yaml|.json``): a system instruction, worked examples
+(raw, synthetic, fused) and the user template; through a chat template they become a system
+turn, one user/assistant pair per example, then the row's user turn (small instruct models
+copy the format of worked examples far better than they follow an instruction alone). Without
+a chat template the same parts are written as plain text. Their hash covers every part; a
+plain-text prompt file and the paper's prompt hash exactly as before.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Callable
 
@@ -58,6 +66,12 @@ class PromptTemplate:
     body: str = DEFAULT_BODY
     cue: str = DEFAULT_CUE
     source: str = "paper"
+    system: str = ""
+    examples: tuple = ()        # ((raw, synthetic, fused), ...)
+
+    def __post_init__(self):
+        # from JSON (a submission record) the examples come back as lists
+        object.__setattr__(self, "examples", tuple(tuple(e) for e in self.examples))
 
     @classmethod
     def from_file(cls, path: str) -> "PromptTemplate":
@@ -66,13 +80,78 @@ class PromptTemplate:
             text = open(path, encoding="utf-8").read()
         except OSError as e:
             raise UserError(f"--prompt-file {path}: {e.strerror}") from None
+        if path.endswith((".yaml", ".yml", ".json")):
+            return cls._from_structured(path, text)
         if RAW_SLOT not in text or SYNTHETIC_SLOT not in text:
             raise UserError(f"--prompt-file {path}: must contain {RAW_SLOT} and {SYNTHETIC_SLOT}")
         return cls(body=text.rstrip("\n"), cue="", source=path)
 
+    @classmethod
+    def _from_structured(cls, path: str, text: str) -> "PromptTemplate":
+        """``system`` (optional), ``examples`` (optional list of {raw, synthetic, fused}),
+        ``user`` (the template, with {raw} and {synthetic}), ``cue`` (plain prompts only)."""
+        import yaml
+
+        from .errors import UserError
+        try:
+            d = yaml.safe_load(text)        # JSON is YAML too
+        except yaml.YAMLError as e:
+            raise UserError(f"--prompt-file {path}: not valid YAML/JSON ({e})") from None
+        user = d.get("user") if isinstance(d, dict) else None
+        if not isinstance(user, str) or RAW_SLOT not in user or SYNTHETIC_SLOT not in user:
+            raise UserError(f"--prompt-file {path}: needs a `user` template containing "
+                            f"{RAW_SLOT} and {SYNTHETIC_SLOT} (and optionally `system` and "
+                            f"`examples`: a list of raw/synthetic/fused)")
+        examples = []
+        for i, ex in enumerate(d.get("examples") or []):
+            if not (isinstance(ex, dict) and all(isinstance(ex.get(k), str) and ex[k].strip()
+                                                 for k in ("raw", "synthetic", "fused"))):
+                raise UserError(f"--prompt-file {path}: example {i + 1} needs non-empty raw, "
+                                f"synthetic and fused texts")
+            examples.append((clean_caption(ex["raw"]), clean_caption(ex["synthetic"]),
+                             clean_caption(ex["fused"])))
+        system = d.get("system") or ""
+        if not isinstance(system, str):
+            raise UserError(f"--prompt-file {path}: `system` must be text")
+        return cls(body=user.strip("\n"), cue=str(d.get("cue", "")), source=path,
+                   system=system.strip(), examples=tuple(examples))
+
     @property
     def sha256(self) -> str:
-        return hashlib.sha256((self.body + "\x00" + self.cue).encode("utf-8")).hexdigest()
+        blob = self.body + "\x00" + self.cue
+        if self.system or self.examples:
+            blob += "\x00" + json.dumps({"system": self.system,
+                                         "examples": [list(e) for e in self.examples]},
+                                        ensure_ascii=False, sort_keys=True)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    @property
+    def has_context(self) -> bool:
+        return bool(self.system or self.examples)
+
+    def context_messages(self) -> list[dict]:
+        """The chat turns before the row's own: system, then a user/assistant pair per
+        example."""
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        for raw, synthetic, fused in self.examples:
+            msgs += [{"role": "user", "content": self.render_text(raw, synthetic)},
+                     {"role": "assistant", "content": fused}]
+        return msgs
+
+    def plain_context(self) -> str:
+        """The same turns as plain text, for models without a chat template."""
+        parts = [self.system] if self.system else []
+        parts += [self.render_text(r, s) + self.cue + " " + f for r, s, f in self.examples]
+        return "".join(p + "\n\n" for p in parts)
+
+    def display(self, raw: str = "<raw caption>", synthetic: str = "<synthetic caption>") -> str:
+        """The prompt for people to read (cards): context turns labelled, then the row's."""
+        if not self.has_context:
+            return self.render_text(raw, synthetic) + self.cue
+        lines = [f"[system] {self.system}"] if self.system else []
+        for r, s, f in self.examples:
+            lines += [f"[user] {self.render_text(r, s)}", f"[assistant] {f}"]
+        return "\n".join(lines + [f"[user] {self.render_text(raw, synthetic)}"])
 
     def render_text(self, raw: str, synthetic: str) -> str:
         """Fills the two slots in one pass, so a caption that itself contains "{synthetic}"
@@ -112,12 +191,22 @@ class PromptBuilder:
         self.max_prompt_tokens = max_prompt_tokens
         self.hard_max_tokens = max(hard_max_tokens or 0, max_prompt_tokens)
         self.chat = chat
+        if template.has_context and chat is not None:
+            import inspect
+            if len(inspect.signature(chat).parameters) < 2:
+                from .errors import UserError
+                raise UserError(f"--prompt-file {template.source}: a few-shot prompt (system, "
+                                f"examples) is rendered through a model's chat template by "
+                                f"the transformers or vllm engine; this engine sends one "
+                                f"user message (use a plain-text prompt file here)")
 
     def render(self, raw: str, synthetic: str) -> str:
         user = self.template.render_text(raw, synthetic)
         if self.chat is not None:
+            if self.template.has_context:
+                return self.chat(user, self.template.context_messages())
             return self.chat(user)
-        return user + self.template.cue
+        return self.template.plain_context() + user + self.template.cue
 
     def build(self, raw: str, synthetic: str) -> BuiltPrompt:
         raw, synthetic = clean_caption(raw), clean_caption(synthetic)

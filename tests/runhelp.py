@@ -10,12 +10,14 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from capsfus.ingest.example_data import example_data
 from capsfus.rundir.io import iter_jsonl_zst
 from capsfus.rundir.manifest import Run
 from capsfus.rundir.stage import StageDir
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_SAMPLE = REPO.parent / "shared" / "data" / "capsfusion_example_10k.json"
+# the 10,000 release rows the repository carries (tests/data/), decompressed once
+SHARED_SAMPLE = example_data()
 
 
 def write_rows(path: Path, n: int, prefix: str = "row") -> Path:

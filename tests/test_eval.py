@@ -199,8 +199,6 @@ def test_eval_errors_are_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_eval_on_the_shared_sample_with_embeddings(tmp_path):
-    if not SHARED_SAMPLE.exists():
-        pytest.skip("no shared sample")
     out = tmp_path / "ev"
     capsfus("eval", "-c", SHARED_SAMPLE, "--out", out, "--limit", "20")
     rep = json.loads((out / "report.json").read_text())

@@ -18,7 +18,6 @@ from runhelp import SHARED_SAMPLE, capsfus, stage_rows
 
 from capsfus.hub.dataset_card import front_matter
 
-pytestmark = pytest.mark.skipif(not SHARED_SAMPLE.exists(), reason="needs ../shared/data")
 
 
 def _load(folder: Path, streaming: bool = False):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from runhelp import assert_exactly_once, capsfus, stage_rows, write_rows
 
+from capsfus.ingest.example_data import example_data
 from capsfus.errors import UserError
 from capsfus.quality.filters import (
     Filters,
@@ -24,8 +25,7 @@ from capsfus.quality.filters import (
 from capsfus.quality.rules import REGISTRY
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "capsfusion_example_10k.json"
-needs_sample = pytest.mark.skipif(not SAMPLE.exists(), reason=f"{SAMPLE} is absent")
+SAMPLE = example_data()   # the release rows the repository carries (tests/data/)
 
 STRIP_RULES = {"preamble"}
 DROP_RULES = {"empty", "refusal", "prompt_leak", "multiline", "garbage", "repetition",
@@ -51,8 +51,6 @@ GOOD = "A red Acme Model-7 bike from 2019 is parked on a street, available for s
 
 @pytest.fixture(scope="module")
 def sample() -> list[dict]:
-    if not SAMPLE.exists():
-        pytest.skip(f"{SAMPLE} is absent")
     return json.loads(SAMPLE.read_text(encoding="utf-8"))
 
 
@@ -354,7 +352,6 @@ def test_extra_patterns_add_to_a_rule():
 
 
 # ---------------------------------------------------------------------------- real rows
-@needs_sample
 def test_calibration_keeps_at_least_97_percent_of_the_official_outputs(sample):
     f = Filters(fused_col="capsfuion_official", raw_col="laion_2b", synthetic_col="laion_coco")
     codes: Counter = Counter()
@@ -464,7 +461,6 @@ def _swap_word(text: str, rnd) -> str | None:
     return " ".join(w)
 
 
-@needs_sample
 @pytest.mark.parametrize("name", list(CORRUPTIONS))
 def test_recall_on_broken_outputs_built_from_real_rows(sample, name):
     code, make = CORRUPTIONS[name]
@@ -489,7 +485,6 @@ def test_recall_on_broken_outputs_built_from_real_rows(sample, name):
     assert caught / tried >= 0.95, (name, caught, tried, missed[:5])
 
 
-@needs_sample
 @pytest.mark.parametrize("prefix,wrap", [
     ("Here is the merged sentence: ", ""), ("New Sentence: ", ""),
     ("Here is a refined and merged sentence: ", '"'), ("Sure! Here's the new caption: ", ""),
@@ -632,7 +627,6 @@ def _smollm2_dir() -> Path | None:
 
 
 @pytest.mark.slow
-@needs_sample
 def test_recall_on_zero_shot_smollm2_outputs(tmp_path, sample):
     """Zero-shot, SmolLM2-135M does not fuse (it echoes "Sentence 1: ...", lists, chats):
     the filter must drop most of those outputs, each with a reason."""

@@ -21,11 +21,12 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from capsfus.ingest.example_data import example_data
 from capsfus.ingest.shard import shard
 from capsfus.rundir.io import iter_jsonl_zst, sha256_file
 from capsfus.rundir.rows import FLAG_NO_SYNTHETIC, MAX_CAPTION_CHARS, REJECT_REASONS
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "capsfusion_example_10k.json"
+SAMPLE = example_data()   # the release rows the repository carries (tests/data/)
 LONG = "x" * (MAX_CAPTION_CHARS + 1)
 EXACT = "y" * MAX_CAPTION_CHARS
 
@@ -479,8 +480,6 @@ def test_custom_columns_by_flags(tmp_path):
 
 
 def test_capsfusion_example_sample(tmp_path):
-    if not SAMPLE.exists():
-        pytest.skip(f"{SAMPLE} not present")
     m = shard([str(SAMPLE)], tmp_path / "run", rows_per_shard=4000)
     assert m["mapping"]["layout"] == "capsfusion-example"
     assert m["counts"]["records"] == 10_000 and m["counts"]["accepted"] == 10_000

@@ -63,7 +63,6 @@ def test_plan_cli_json_and_errors(tmp_path):
     assert p.returncode == 2 and "not a `capsfus bench fuse` result" in p.stderr
 
 
-@pytest.mark.skipif(not SHARED_SAMPLE.exists(), reason="no shared sample")
 def test_built_in_figures_match_a_fresh_measurement():
     m = measure_sample(str(SHARED_SAMPLE))
     assert m["rows"] == 10_000

@@ -36,6 +36,23 @@ class _Group(click.Group):
         except CorruptFile as e:
             click.echo(f"error: corrupted file: {e}. Rerun the stage to redo it.", err=True)
             sys.exit(3)
+        except (KeyboardInterrupt, click.exceptions.Abort):
+            # instead of click's bare "Aborted!": say what is kept and how to go on
+            click.echo(interrupted_message(sys.argv[1:]), err=True)
+            sys.exit(130)
+
+
+def interrupted_message(args: list[str]) -> str:
+    """What Ctrl-C prints. The command is repeated only when no argument could hold a secret
+    (a URL may carry a key)."""
+    import shlex
+    if args and args[0] == "demo":
+        return "interrupted: run `capsfus demo` again (it starts over in a fresh run directory)."
+    same = ("`capsfus " + shlex.join(args) + "`" if args and not any("://" in a for a in args)
+            else "the same command")
+    return (f"interrupted: what was committed is kept (rows done so far, files written or "
+            f"uploaded). To continue, run {same} again: it goes on from there and nothing is "
+            f"done twice.")
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)

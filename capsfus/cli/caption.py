@@ -133,12 +133,13 @@ def caption_cmd(run_dir, workers, **kw):
     command again: it continues after the last committed chunk. `capsfus fuse RUN_DIR` then
     reads the captioned rows. For SLURM see `capsfus submit caption`.
     """
-    from ..executors.local import prepare, run_local
+    from ..executors.local import prepare, run_local, shards_with_work
     from ..rundir.manifest import parse_shard_spec
     from ..rundir.status import stage_status
     from .common import (
         StageProgress,
         make_console,
+        nothing_to_do,
         print_stage_summary,
         setup_console_logging,
     )
@@ -149,6 +150,9 @@ def caption_cmd(run_dir, workers, **kw):
     run, manifest, job = _caption_job(run_dir, kw)
     selected = parse_shard_spec(kw["shards"], len(manifest["shards"]))
     prep = prepare(job, selected, force=kw["force"], retry_rejected=kw["retry_rejected"])
+    if not shards_with_work(prep):      # said before the captioning model is loaded
+        console.print(nothing_to_do(run, job.stage, len(selected)))
+        return
     console.print(f"[bold]{job.stage}[/] of run {manifest['run_id'][:8]}: {len(selected)} "
                   f"shard(s), {job.engine} {job.model}, {workers} worker(s), chunks of "
                   f"{job.chunk_size}")

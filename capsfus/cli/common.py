@@ -113,6 +113,14 @@ def load_preset(ctx, param, value):
     if unknown:
         raise click.BadParameter(f"{value}: unknown option(s) {', '.join(unknown)} for "
                                  f"`capsfus {ctx.command.name}`")
+    for key in ("prompt_file", "config"):
+        # a file named by a preset is found beside the preset (e.g. jobs/prompts/…), whatever
+        # the working directory
+        v = options.get(key)
+        if isinstance(v, str) and not Path(v).is_absolute():
+            beside = Path(value).resolve().parent / v
+            if beside.exists():
+                options[key] = str(beside)
     ctx.default_map = {**(ctx.default_map or {}), **options}
     return value
 
@@ -311,7 +319,8 @@ def recorded_model(run, stage: str, kw: dict) -> dict:
     return kw
 
 
-def print_stage_summary(console, run, name: str, summaries: list[dict]) -> None:
+def print_stage_summary(console, run, name: str, summaries: list[dict],
+                        shards_given: bool = False) -> None:
     from ..rundir.status import stage_status
     s = stage_status(run, name)
     c, r = s["counts"], s["rows"]
@@ -336,8 +345,38 @@ def print_stage_summary(console, run, name: str, summaries: list[dict]) -> None:
     if s.get("stale_hint"):
         console.print(s["stale_hint"])
     if c["done"] < s["shards"] and not c["running"]:
-        console.print(f"{s['shards'] - c['done']} shard(s) not done (not selected, or held by "
-                      f"another worker): run the command again without --shards to finish.")
+        for line in not_done_reasons(run, name, shards_given):
+            console.print(line)
+
+
+def not_done_reasons(run, name: str, shards_given: bool) -> list[str]:
+    """Why the shards of a stage that are not done are not done, each with what to do: their
+    input stage has not finished them, --shards left them out, or another worker holds them."""
+    from ..rundir.stage import StageDir
+    sd = StageDir(run, name)
+    n = len(run.manifest()["shards"])
+    states = sd.all_states()
+    todo = [i for i in range(n) if (states.get(i) or {}).get("status") != "done"]
+    src = (sd.config() or {}).get("input_stage") or "input"
+    waiting = []
+    if src != "input":
+        src_states = StageDir(run, src).all_states()
+        waiting = [i for i in todo if (src_states.get(i) or {}).get("status") != "done"]
+    rest = [i for i in todo if i not in waiting]
+    lines = []
+    if waiting:
+        base, _, tag = src.partition("@")
+        cmd = f"capsfus {base} {run.root}" + (f" --tag {tag}" if tag else "")
+        lines.append(f"{len(waiting)} shard(s) not done because stage {src} has not finished "
+                     f"them (first: {waiting[0]}): finish it with `{cmd}` (or `capsfus resume "
+                     f"{run.root} --stage {src}` on SLURM), then run this command again.")
+    if rest:
+        why = ("not selected by --shards, or held by another worker: run the command again "
+               "without --shards to finish" if shards_given else
+               "held by another worker, or interrupted: run the command again to finish them "
+               f"(`capsfus status {run.root}` shows which)")
+        lines.append(f"{len(rest)} shard(s) not done ({why}).")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,3 +534,15 @@ def only_todo(run, prep, job_alive=None, covered=None, skipped: dict | None = No
     if skipped is not None:
         skipped.update(counts)
     return replace(prep, shards=todo)
+
+
+def nothing_to_do(run, stage: str, n_selected: int, force_hint: bool = True) -> str:
+    """The line a local stage command prints when every selected shard is already done with
+    the same settings: said before any model is loaded."""
+    tagged = f" --from-stage {stage}" if "@" in stage else ""
+    nxt = f"`capsfus filter {run.root}{tagged}`" if stage.startswith("fuse") else \
+        f"`capsfus fuse {run.root}`"
+    redo = f"; to redo them with new settings add --force (or --tag NAME for a second " \
+           f"{stage.split('@')[0]})" if force_hint else ""
+    return (f"{stage}: nothing to do: all {n_selected} selected shard(s) are already done with "
+            f"these settings (no model loaded). Next: {nxt}{redo}.")

@@ -205,7 +205,7 @@ def bench():
                                          "model with fewer layers, for small devices).")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False),
               help="Rows with raw and synthetic captions, any format `capsfus shard` reads "
-                   "(default: ../shared/data/capsfusion_example_10k.json).")
+                   "(default: the 10,000 CapsFusion release rows in tests/data/).")
 @click.option("--rows", default=64, show_default=True, help="First N rows as prompts.")
 @click.option("--baseline", default="released", show_default=True,
               type=click.Choice(["released"]),

@@ -60,12 +60,17 @@ def _mix_presets_help() -> str:
               help="Uncompressed size of a parquet row group.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--no-stats", is_flag=True, help="Skip the Table-3 statistics of the export.")
+@click.option("--allow-partial", is_flag=True,
+              help="Export the finished shards of a run whose stage is not finished; the rows "
+                   "of the others are counted as not_done:<stage>, and the card and "
+                   "capsfus-export.json say the export is partial.")
 @click.option("--workers", default=1, show_default=True,
               help="Processes, each exporting a contiguous group of the run's shards (each "
                    "group's last parquet file is a partial one).")
 def export_cmd(run_dir, out, schema, stage_opt, caption_src, mix_text, fallback, seed,
                max_punsafe, max_pwatermark, exclude_file, license_id, pretty_name, repo_id,
-               language, max_shard_mb, row_group_mb, overwrite, no_stats, workers):
+               language, max_shard_mb, row_group_mb, overwrite, no_stats, workers,
+               allow_partial):
     """Write RUN_DIR's captions as a Hugging Face dataset folder that
     `datasets.load_dataset(OUT)` reads, ready for `capsfus push dataset`.
 
@@ -99,7 +104,7 @@ def export_cmd(run_dir, out, schema, stage_opt, caption_src, mix_text, fallback,
         row_group_bytes=int(row_group_mb * 1e6), overwrite=overwrite, license=license_id,
         pretty_name=pretty_name, repo_id=repo_id,
         language=[x.strip() for x in language.split(",") if x.strip()], stats=not no_stats,
-        workers=workers)
+        workers=workers, allow_partial=allow_partial)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   console=console, transient=True,
                   disable=not console.is_terminal) as progress:
@@ -112,6 +117,11 @@ def export_cmd(run_dir, out, schema, stage_opt, caption_src, mix_text, fallback,
                   f"{summary['bytes'] / 1e6:.1f} MB ({summary['seconds']:.1f}s)")
     for code, n in r["excluded"].items():
         console.print(f"  not exported: {code}: {n:,}")
+    if summary.get("partial") and summary["partial"]["unfinished_shards"]:
+        pa = summary["partial"]
+        console.print(f"  [yellow]partial export[/]: {len(pa['unfinished_shards'])} of "
+                      f"{pa['shards']} shard(s) unfinished, their {pa['rows_left_out']:,} rows "
+                      f"left out (said on the card)")
     shares = summary["caption"]["realised_shares"]
     if mix:
         console.print("  caption sources: " + ", ".join(f"{k} {v:.2%}" for k, v in

@@ -255,7 +255,7 @@ def filter_cmd(run_dir, inputs, out, raw_col, synthetic_col, fused_col, url_col,
         run_local(prep, workers=workers)
     report = write_report(run, job.stage)
     _print_report(console, report, run.root / job.stage / "report.json")
-    print_stage_summary(console, run, job.stage, [])
+    print_stage_summary(console, run, job.stage, [], shards_given=shards is not None)
 
 
 # ----------------------------------------------------------------------------------- stats

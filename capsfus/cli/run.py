@@ -84,8 +84,9 @@ def fuse(run_dir, shards, chunk_size, workers, tag, force, max_attempts, lease_t
     RUN_DIR/fuse/out or RUN_DIR/fuse/rejected (with a reason). For SLURM clusters see
     `capsfus submit fuse`.
     """
-    from ..executors.local import prepare, run_local
+    from ..executors.local import prepare, run_local, shards_with_work
     from ..rundir.manifest import parse_shard_spec
+    from .common import nothing_to_do
     if workers < 1:
         raise UserError("--workers must be at least 1")
     console = make_console()
@@ -94,6 +95,10 @@ def fuse(run_dir, shards, chunk_size, workers, tag, force, max_attempts, lease_t
     name = job.stage
     selected = parse_shard_spec(shards, len(manifest["shards"]))
     prep = prepare(job, selected, force=force, retry_rejected=retry_rejected)
+    if not shards_with_work(prep):
+        # before any worker starts: loading a model (minutes for 13B) to do nothing helps no one
+        console.print(nothing_to_do(run, name, len(selected), force_hint=True))
+        return
     console.print(f"[bold]{name}[/] of run {manifest['run_id'][:8]}: {len(selected)} shard(s), "
                   f"engine {job.spec.engine}"
                   f"{' ' + job.spec.model if job.spec.model else ''}, "
@@ -101,7 +106,7 @@ def fuse(run_dir, shards, chunk_size, workers, tag, force, max_attempts, lease_t
     with StageProgress(str(run.root), name, console):
         summaries = run_local(prep, workers=workers, lease_ttl=lease_ttl,
                               heartbeat=min(30.0, lease_ttl / 4))
-    print_stage_summary(console, run, name, summaries)
+    print_stage_summary(console, run, name, summaries, shards_given=shards is not None)
 
 
 @click.group(context_settings=CONTEXT)

@@ -23,9 +23,11 @@ class HFTokenizerMixin:
             raise UserError(f"model {model} has no chat template (use --chat-template off)")
         self.chat = self._render_chat if has and mode != "off" else None
 
-    def _render_chat(self, user_text: str) -> str:
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": user_text}],
-                                                  add_generation_prompt=True, tokenize=False)
+    def _render_chat(self, user_text: str, context: list[dict] | None = None) -> str:
+        """``context``: turns before the user's (a few-shot prompt file's system + examples)."""
+        return self.tokenizer.apply_chat_template(
+            [*(context or []), {"role": "user", "content": user_text}],
+            add_generation_prompt=True, tokenize=False)
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
         """Token ids as generation will see them: chat-rendered prompts already hold their

@@ -128,6 +128,34 @@ def final_looks_done(stage: StageDir, state: dict | None, current_hash: str) -> 
     return True
 
 
+def _done_and_current(run: Run, manifest: dict, prep: Prepared, shard: int,
+                      st: dict | None) -> bool:
+    """Done with these settings from today's upstream output, and not wanted by
+    ``--retry-rejected``: what the state file alone can tell."""
+    return bool(st and st.get("status") == "done" and st.get("final")) and state_is_current(
+        st, prep.settings_hash, upstream_sha(run, manifest, prep.input_stage, shard)) and \
+        not wants_retry(st, prep.retry_reasons, prep.retry_id)
+
+
+def shards_with_work(prep: Prepared) -> list[int]:
+    """Selected shards a worker would run (not finished and current with these settings);
+    empty when there is nothing to do, so a command can say so before loading any model. The
+    state files are read first; the final files' checksums are verified only when every shard
+    looks done (so a run with work left is not hashed twice, and a corrupted final file still
+    counts as work)."""
+    run = Run(Path(prep.job.run_dir))
+    manifest = run.manifest()
+    stage = StageDir(run, prep.job.stage)
+    states = {i: stage.read_state(i) for i in prep.shards}
+    looks_todo = [i for i in prep.shards
+                  if not _done_and_current(run, manifest, prep, i, states[i])]
+    if looks_todo:
+        return looks_todo
+    return [i for i in prep.shards
+            if not (stage.final_is_trusted(states[i], prep.settings_hash)
+                    and not stage.has_leftovers(i, states[i]))]
+
+
 def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
                 heartbeat: float = DEFAULT_HEARTBEAT, child: bool = False,
                 job_alive=None, index: int | None = None, workers: int | None = None) -> dict:
@@ -188,11 +216,9 @@ def worker_main(prep: Prepared, worker_id: str, lease_ttl: float = DEFAULT_TTL,
             if shard in failed_here:
                 continue
             st = stage.read_state(shard)
-            if final_looks_done(stage, st, prep.settings_hash) and state_is_current(
-                    st, prep.settings_hash, upstream_sha(run, ctx.manifest, prep.input_stage,
-                                                         shard)) and \
-                    not stage.has_leftovers(shard, st) and \
-                    not wants_retry(st, prep.retry_reasons, prep.retry_id):
+            if final_looks_done(stage, st, prep.settings_hash) and \
+                    _done_and_current(run, ctx.manifest, prep, shard, st) and \
+                    not stage.has_leftovers(shard, st):
                 continue
             res = run_shard(ctx, shard)
             if res.status == "busy":

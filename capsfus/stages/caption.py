@@ -133,9 +133,11 @@ class CaptionJob:
                        batch_size=self.batch_size, chunk_size=self.chunk_size)
         else:
             dec.update(num_beams=self.num_beams)
-        return {"engine": self.engine, "model": self.model, "revision": self.revision,
+        from ..models import normalize_model   # one folder typed several ways is one model
+        return {"engine": self.engine, "model": normalize_model(self.model),
+                "revision": self.revision,
                 "dtype": self.dtype, "prompt": self.instruction(), "format": self.format,
-                "decoding": dec, "clip_model": self.clip_model,
+                "decoding": dec, "clip_model": normalize_model(self.clip_model),
                 "clip_revision": self.clip_revision, "overwrite": self.overwrite,
                 "min_side": self.min_side, "max_pixels": self.max_pixels,
                 "column": self.column,

@@ -94,8 +94,12 @@ class FuseJob:
 
     def settings(self, revision: str | None) -> dict:
         """The output-shaping settings (hashed; a change needs --force)."""
+        from ..models import normalize_model
         s = self.spec
-        return {"engine": s.engine, "model": s.model if s.engine != "echo" else "echo",
+        # a local folder typed three ways is one model; an openai model is the server's name
+        model = ("echo" if s.engine == "echo" else s.model if s.engine == "openai"
+                 else normalize_model(s.model))
+        return {"engine": s.engine, "model": model,
                 "revision": revision, "gguf_file": s.gguf_file,
                 "decoding": s.decoding.to_dict(), "max_prompt_tokens": s.max_prompt_tokens,
                 "chat_template": s.chat_template, "dtype": s.dtype,
