@@ -9,6 +9,7 @@ answers), plus the faults a real server shows, driven by environment variables:
 - ``CAPSFUS_FAKE_SERVER_START_DELAY`` seconds of "loading weights" before listening;
 - ``CAPSFUS_FAKE_SERVER_NEVER_READY=1``: loads forever (never listens);
 - ``CAPSFUS_FAKE_SERVER_FAIL_START=1``: exits 1 at start with a CUDA-like error line;
+- ``CAPSFUS_FAKE_SERVER_DELAY`` seconds before each answer (a busy GPU);
 - ``CAPSFUS_FAKE_SERVER_CRASH="S:N,…"``: in start number S, the N-th completion request
   kills the server (``os._exit(1)``, no answer), as a CUDA error or OOM kill does.
 
@@ -41,7 +42,7 @@ def _parse(kind: str, argv: list[str]) -> dict:
         p.add_argument("--max-model-len", type=int)
     else:
         p.add_argument("--model-path", required=True)
-        p.add_argument("--tp", type=int, default=1)
+        p.add_argument("--tp-size", "--tp", dest="tp", type=int, default=1)
         p.add_argument("--mem-fraction-static", type=float)
         p.add_argument("--max-running-requests", type=int)
         p.add_argument("--disable-radix-cache", action="store_true")
@@ -97,7 +98,9 @@ def main(kind: str, argv: list[str]) -> None:
             return super().do_POST()
 
     args = openai_server.parse_args(["--port", str(flags["port"]), "--log",
-                                     str(folder / "requests.jsonl"), "--answer", "fusion"])
+                                     str(folder / "requests.jsonl"), "--answer", "fusion",
+                                     "--delay-s",
+                                     os.environ.get("CAPSFUS_FAKE_SERVER_DELAY", "0")])
     args.key = None
     openai_server.Handler = Handler
     openai_server.serve(args)

@@ -103,7 +103,7 @@ def test_sglang_server_engine_command_line(tmp_path, fake, tiny_llama_dir):
     capsfus("fuse", run, "--engine", "sglang-server", "--model", tiny_llama_dir,
             "--no-server-prefix-caching", "--server-mem-fraction", "0.8",
             "--tensor-parallel-size", "2", **extra)
-    out, rej = assert_exactly_once(run)
+    out, _ = assert_exactly_once(run)
     assert len(out) == 6 and all(r["fused"] == _answer(r) for r in out)
     [start] = _starts(d)
     f = start["flags"]
@@ -136,7 +136,7 @@ def test_a_server_that_never_answers_times_out_with_its_log(tmp_path, fake, tiny
 
 
 def test_a_server_that_fails_to_start_says_why(tmp_path, fake, tiny_llama_dir):
-    d, extra = fake
+    _, extra = fake
     run = _run(tmp_path, n=4, per_shard=4)
     p = capsfus("fuse", run, "--engine", "vllm-server", "--model", tiny_llama_dir, check=False,
                 CAPSFUS_FAKE_SERVER_FAIL_START="1", **extra)
@@ -199,3 +199,41 @@ def test_no_orphan_server_when_the_worker_is_killed(tmp_path, fake, tiny_llama_d
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.slurm
+def test_sigusr2_on_slurm_stops_the_server_and_the_requeued_worker_finishes(
+        slurm_cluster, tmp_path, fake, tiny_llama_dir):
+    """A 2-GPU worker (fake GRES) runs its server with tensor parallelism 2; SIGUSR2 (time
+    limit / preemption) gives the shard back, the server dies with the worker, and the
+    requeued element starts a new server and finishes exactly once."""
+    from test_slurm_fuse import wait_jobs
+
+    from capsfus.executors.slurm import submitted_job_ids
+    d, extra = fake
+    run = _run(tmp_path, n=40, per_shard=40)
+    capsfus("submit", "fuse", run, "--engine", "vllm-server", "--model", tiny_llama_dir,
+            "--chunk-size", 2, "--server-max-seqs", 1, "--nodes", 1, "--gpus-per-node", 2,
+            "--gpus-per-task", 2, "--cpus-per-gpu", 1, "--time", "00:10:00",
+            SLURM_CONF=slurm_cluster.conf, CAPSFUS_FAKE_SERVER_DELAY="0.2", **extra)
+    job = submitted_job_ids(run / "fuse")[0]
+    deadline = time.time() + 120
+    while len(list((run / "fuse" / "out").rglob("*.zst"))) < 2:
+        assert time.time() < deadline, slurm_cluster.run("squeue", check=False).stdout
+        time.sleep(0.2)
+    [first] = _starts(d)
+    assert first["flags"]["tensor_parallel_size"] == 2
+    assert first["cuda_visible_devices"] == "0,1"
+    slurm_cluster.run("scancel", "--signal=USR2", job)
+    assert _wait_dead(first["pid"], 30), "the server outlived its preempted worker"
+    deadline = time.time() + 150   # the requeued element waits for its begin time: skip it
+    while len(_starts(d)) < 2 and time.time() < deadline:
+        slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+        time.sleep(1)
+    wait_jobs(slurm_cluster, run, timeout=180)
+    out, rej = assert_exactly_once(run)
+    assert len(out) == 40 and not rej and all(r["fused"] == _answer(r) for r in out)
+    starts = _starts(d)
+    assert len(starts) == 2 and not any(_alive(s["pid"]) for s in starts)
+    out_log = next((run / "fuse" / "slurm").rglob("*_log.out")).read_text()
+    assert "USR2" in out_log

@@ -7,7 +7,7 @@ The command lines follow the servers' documented CLIs (the most stable interface
   --tensor-parallel-size N --gpu-memory-utilization F --max-num-seqs S --dtype D
   --enable-prefix-caching | --no-enable-prefix-caching [--max-model-len L]``
 - SGLang: ``python -m sglang.launch_server --model-path MODEL --host 127.0.0.1 --port P
-  --served-model-name NAME --tp N --mem-fraction-static F --max-running-requests S --dtype D
+  --served-model-name NAME --tp-size N --mem-fraction-static F --max-running-requests S --dtype D
   [--disable-radix-cache] [--context-length L]``
 
 Readiness is ``GET /v1/models`` answering 200 (both servers serve it once the model is
@@ -107,7 +107,7 @@ def server_command(kind: str, model_path: str, served_name: str, port: int, tp: 
     elif kind == "sglang":
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path,
                "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name,
-               "--tp", str(tp), "--mem-fraction-static", str(opts.mem_fraction),
+               "--tp-size", str(tp), "--mem-fraction-static", str(opts.mem_fraction),
                "--max-running-requests", str(opts.max_num_seqs), "--dtype", dtype]
         if not opts.prefix_caching:
             cmd.append("--disable-radix-cache")
