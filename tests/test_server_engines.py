@@ -237,3 +237,16 @@ def test_sigusr2_on_slurm_stops_the_server_and_the_requeued_worker_finishes(
     assert len(starts) == 2 and not any(_alive(s["pid"]) for s in starts)
     out_log = next((run / "fuse" / "slurm").rglob("*_log.out")).read_text()
     assert "USR2" in out_log
+
+
+def test_the_13b_server_preset_runs_with_a_local_model(tmp_path, fake, tiny_llama_dir):
+    """jobs/fuse-capsfus-llama-13b-vllm-server.yaml is a valid preset of `fuse` (the model
+    overridden by a tiny one): its server settings reach the server's command line."""
+    d, extra = fake
+    run = _run(tmp_path, n=4, per_shard=4)
+    capsfus("fuse", run, "--preset", REPO / "jobs" / "fuse-capsfus-llama-13b-vllm-server.yaml",
+            "--model", tiny_llama_dir, **extra)
+    assert len(assert_exactly_once(run)[0]) == 4
+    f = _starts(d)[0]["flags"]
+    assert (f["max_num_seqs"], f["gpu_memory_utilization"], f["max_model_len"], f["dtype"]) == \
+        (256, 0.9, 512, "bfloat16")

@@ -83,7 +83,10 @@ class ServerEngine(HFTokenizerMixin, Engine):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.setup_chat(spec.chat_template, spec.model)
         new = d.max_new_tokens
+        self.opts = ServerOptions(**(spec.server or {}))
         ctx = _context_length(path)
+        if self.opts.max_model_len:       # the server holds no more than this
+            ctx = min(ctx or self.opts.max_model_len, self.opts.max_model_len)
         room = ctx - new if ctx else None
         if room is not None and room < 1:
             raise UserError(f"model {spec.model}: its context ({ctx} tokens) cannot hold "
@@ -92,7 +95,6 @@ class ServerEngine(HFTokenizerMixin, Engine):
             self.hard_prompt_tokens = room
         self.max_prompt_tokens = spec.max_prompt_tokens or min(
             DEFAULT_MAX_PROMPT_TOKENS, room or DEFAULT_MAX_PROMPT_TOKENS)
-        self.opts = ServerOptions(**(spec.server or {}))
         self.tp = tensor_parallel(spec.tensor_parallel_size)
         worker = os.environ.get("CAPSFUS_WORKER_ID") or f"{os.getpid()}"
         log_dir = Path(spec.log_dir) if spec.log_dir else Path(tempfile.gettempdir())
