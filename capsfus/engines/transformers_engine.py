@@ -182,7 +182,8 @@ class TransformersEngine(HFTokenizerMixin, Engine):
 
     def runtime(self) -> dict:
         import transformers
-        return {"batch_size": self.batch_size, "batch_size_from": self.batch_from,
+        return {"batch_size": self.batch_size,
+                "batch_size_from": getattr(self, "batch_from", "engine"),
                 "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
