@@ -303,11 +303,13 @@ class ContinuousDecoder:
         m = mask.index_select(0, idx)
         cut = int(m.any(0).long().argmax())
         n = len(keep)
-        moved = keep != list(range(n))
+        # survivor i moves up from row keep[i] >= i: copied in increasing order, no source is
+        # overwritten before it is read; only the rows that move, only their used columns
+        moves = [(i, r) for i, r in enumerate(keep) if i != r]
         for layer in cache.layers:
             k, v, width = layer._k, layer._v, layer._n
-            if moved:
-                k[:n] = k.index_select(0, idx)
-                v[:n] = v.index_select(0, idx)
+            for i, r in moves:
+                k[i, :, cut:width].copy_(k[r, :, cut:width])
+                v[i, :, cut:width].copy_(v[r, :, cut:width])
             layer._hold(k[:n, :, cut:], v[:n, :, cut:], width - cut)
         return cache, m[:, cut:], pos.index_select(0, idx), last.index_select(0, idx)
