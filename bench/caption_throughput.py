@@ -40,6 +40,27 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 
+def build_blip_large(folder: Path, image_size: int = 384) -> None:
+    """BLIP-large's architecture (ViT-L/16 vision encoder at 384, BERT-base text decoder with
+    cross-attention) with random weights, and the test model's small tokenizer: images/s
+    depend on the shapes, not on the weights or the vocabulary's words."""
+    import torch
+    from test_caption import build_tiny_blip
+    from transformers import AutoTokenizer, BlipConfig, BlipForConditionalGeneration
+    build_tiny_blip(folder, image_size=image_size, patch_size=16)   # tokenizer, preprocessing
+    n = len(AutoTokenizer.from_pretrained(folder))
+    cfg = BlipConfig(
+        text_config=dict(vocab_size=n, hidden_size=768, encoder_hidden_size=1024,
+                         intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                         max_position_embeddings=512, bos_token_id=n - 1, pad_token_id=0,
+                         sep_token_id=3, eos_token_id=3),
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                           num_attention_heads=16, image_size=image_size, patch_size=16),
+        projection_dim=256, image_text_hidden_size=256)
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(cfg).save_pretrained(folder)
+
+
 def photo_like(seed: int, w: int, h: int) -> bytes:
     import numpy as np
     from PIL import Image
@@ -128,6 +149,9 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=128, help="rows per committed chunk")
     ap.add_argument("--decodings", default="beam3,greedy8",
                     help=f"comma-separated, of {', '.join(DECODINGS)}")
+    ap.add_argument("--arch", choices=["tiny", "large"], default="tiny",
+                    help="tiny: the test BLIP (1+1 layers, hidden 32); large: BLIP-large's "
+                         "architecture with random weights (ViT-L/16 at --image-size 384)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
     w, h = map(int, args.size.split("x"))
@@ -136,9 +160,12 @@ def main() -> None:
     from capsfus.ingest.shard import shard
     with tempfile.TemporaryDirectory(prefix="capbench-") as tmp:
         tmp = Path(tmp)
-        model = tmp / "tiny-blip"
+        model = tmp / "blip"
         model.mkdir()
-        build_tiny_blip(model, image_size=args.image_size, patch_size=args.image_size // 4)
+        if args.arch == "large":
+            build_blip_large(model, image_size=args.image_size)
+        else:
+            build_tiny_blip(model, image_size=args.image_size, patch_size=args.image_size // 4)
         write_tars(tmp / "wds", args.images, 512, w, h)
         run = tmp / "run"
         shard([str(tmp / "wds")], run, rows_per_shard=512)
@@ -163,8 +190,10 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                    f"load average {os.getloadavg()[0]:.1f} at the end",
         "command": " ".join(["python", "bench/caption_throughput.py"] + sys.argv[1:]),
-        "model": f"tiny random BLIP ({args.image_size}x{args.image_size} input, 4x4 patches, "
-                 f"1+1 layers, hidden 32)",
+        "model": (f"random BLIP-large architecture ({args.image_size}x{args.image_size}, "
+                  f"ViT-L/16 + BERT-base decoder)" if args.arch == "large" else
+                  f"tiny random BLIP ({args.image_size}x{args.image_size} input, 4x4 patches, "
+                  f"1+1 layers, hidden 32)"),
         "images": args.images, "size": args.size, "threads": args.threads,
         "chunk": args.chunk, "batch": args.batch_size, "busy_s": walls,
         "images_per_s_best": {k: round(args.images / v, 2) for k, v in best.items()},

@@ -124,6 +124,44 @@ def test_continuous_decoder_without_shared_prefix_and_past_its_spare_columns(eng
         assert got[i] == (ref[:end], end is None)
 
 
+@pytest.mark.parametrize("batch_size", [8, 3])
+def test_rows_leaving_at_different_steps_compact_the_cache_in_place(eng, monkeypatch,
+                                                                     batch_size):
+    """Rows end at different steps (end tokens picked from their own greedy outputs): the
+    survivors are compacted inside their buffers (``_compact``, no new buffer), alone or
+    between admissions, and every row still gets exactly the tokens of plain greedy decoding."""
+    from capsfus.engines import continuous as C
+    prompts = [eng.encode([p])[0] for p in prompts_for(eng)]
+    new = 20
+    refs = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        refs.append(eng.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                       max_new_tokens=new, do_sample=False, eos_token_id=None,
+                                       pad_token_id=eng.tokenizer.pad_token_id
+                                       )[0, len(p):].tolist())
+    eos = {refs[0][3], refs[1][9], refs[2][14]}
+    expected = {}
+    for i, r in enumerate(refs):
+        end = next((k for k, t in enumerate(r) if t in eos), None)
+        expected[i] = (r[:end], end is None)
+    assert len({len(t) for t, _ in expected.values()}) >= 3   # rows really end apart
+    calls = {"compact": 0}
+    real = C.ContinuousDecoder._compact
+
+    def counting(self, *a):
+        calls["compact"] += 1
+        return real(self, *a)
+    monkeypatch.setattr(C.ContinuousDecoder, "_compact", counting)
+    got = {}
+    C.ContinuousDecoder(eng.model, pad_id=eng.tokenizer.pad_token_id, eos_ids=eos,
+                        max_new_tokens=new, batch_size=batch_size,
+                        pick=lambda x: x.argmax(-1)).run(
+        prompts, lambda i, tokens, hit: got.__setitem__(i, (tokens, hit)))
+    assert got == expected
+    assert calls["compact"] >= 1
+
+
 def test_beam_search_matches_plain_generate(tiny_llama_dir):
     eng = engine(tiny_llama_dir, batch_size=9, decoding=Decoding(max_new_tokens=8, num_beams=3))
     assert not eng.continuous and eng.plain_cache   # 3 prompts a batch, shared prefix
@@ -326,3 +364,26 @@ def test_dense_synthetic_caption_fits_the_models_room(tiny_llama_dir):
     # a budget the user sets is strict: no hard limit
     strict = engine(tiny_llama_dir, max_prompt_tokens=64)
     assert strict.hard_prompt_tokens is None
+
+
+def test_gpu_batch_size_from_memory_for_a_13b_model_on_an_h100():
+    """The rows in flight the transformers engine takes on a GPU, from the LLaMA-2-13B
+    config's key/value bytes per token and the memory an 80 GB H100 has left after 26 GB of
+    bf16 weights; the CPU default stays 64."""
+    from transformers import LlamaConfig
+
+    from capsfus.engines.continuous import SPARE
+    from capsfus.engines.gpu_memory import kv_bytes_per_token, rows_for_memory
+    from capsfus.engines.transformers_engine import DEFAULT_BATCH_SIZE
+    cfg = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                      num_attention_heads=40, vocab_size=32000)
+    kv = kv_bytes_per_token(cfg, 2)
+    assert kv == 2 * 40 * 5120 * 2 == 819_200                     # 0.8 MB per token
+    free = 80 * 10**9 - 26 * 10**9
+    rows = rows_for_memory(free, kv, 256 + 80 + SPARE, cfg.vocab_size)
+    assert 100 < rows < 200 and rows > DEFAULT_BATCH_SIZE
+    # grouped-query attention (8 KV heads of 64: an 8B-class config) holds many more
+    gqa = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256)
+    assert rows_for_memory(free, kv_bytes_per_token(gqa, 2), 400, gqa.vocab_size) > 4 * rows
+    assert rows_for_memory(10**6, kv, 400, 32000) == 1          # never below one row

@@ -46,11 +46,14 @@ def ingest_with_progress(console, label: str, inputs: list[str], out, rows_per_s
 # ---------------------------------------------------------------------------------------------
 def engine_options(f):
     opts = [
-        click.option("--engine", type=click.Choice(["transformers", "vllm", "openai", "echo"]),
+        click.option("--engine", type=click.Choice(["transformers", "vllm", "vllm-server",
+                                                    "sglang-server", "openai", "echo"]),
                      default="transformers", show_default=True,
-                     help="transformers: CPU or GPU, anywhere; vllm: GPU, fastest (untested "
-                          "here); openai: any OpenAI-compatible --endpoint (e.g. a `vllm "
-                          "serve`); echo: deterministic test engine."),
+                     help="transformers: CPU or GPU, anywhere; vllm-server / sglang-server: "
+                          "each worker starts its own vLLM / SGLang server on its GPU(s), "
+                          "greedy or sampling, fastest on GPUs (untested on a real GPU); "
+                          "vllm: vLLM's Python API in-process (untested); openai: any "
+                          "OpenAI-compatible --endpoint; echo: deterministic test engine."),
         click.option("--endpoint", help="openai engine: base URL, e.g. http://host:8000/v1."),
         click.option("--api-key-env", default=None,
                      help="openai engine: environment variable holding the API key "
@@ -88,11 +91,52 @@ def engine_options(f):
         click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False),
                      help="Replace the paper's prompt; must contain {raw} and {synthetic}."),
         click.option("--tensor-parallel-size", default=1, show_default=True,
-                     help="GPUs per model (vllm)."),
-    ]
+                     help="GPUs per model (vllm; server engines: default every GPU of the "
+                          "task, i.e. --gpus-per-task)."),
+    ] + SERVER_OPTIONS
     for o in reversed(opts):
         f = o(f)
     return f
+
+
+SERVER_OPTIONS = [
+    click.option("--server-max-seqs", type=int, default=256, show_default=True,
+                 help="Server engines: sequences the server batches at once (vLLM "
+                      "--max-num-seqs, SGLang --max-running-requests); also the requests "
+                      "kept in flight."),
+    click.option("--server-mem-fraction", type=float, default=0.90, show_default=True,
+                 help="Server engines: GPU memory share (vLLM --gpu-memory-utilization, "
+                      "SGLang --mem-fraction-static)."),
+    click.option("--server-prefix-caching/--no-server-prefix-caching", default=True,
+                 show_default=True,
+                 help="Server engines: reuse the shared instruction prefix's KV cache."),
+    click.option("--server-max-model-len", type=int,
+                 help="Server engines: context the server reserves (default: the model's)."),
+    click.option("--server-startup-timeout", type=float, default=1800.0, show_default=True,
+                 help="Server engines: seconds to wait for the server to answer."),
+    click.option("--server-arg", "server_args", multiple=True, metavar="ARG",
+                 help="Server engines: one more argument for the server's command line "
+                      "(repeat), e.g. --server-arg=--enforce-eager."),
+    click.option("--server-cache-dir",
+                 help="Server engines: where each task's compile caches go (default: "
+                      "node-local $TMPDIR); one folder per task, removed at exit."),
+]
+
+
+def server_from(kw: dict) -> dict | None:
+    """The server engines' options as ``ServerOptions`` fields (None for other engines)."""
+    if kw["engine"] not in ("vllm-server", "sglang-server"):
+        return None
+    if kw.get("server_max_seqs", 256) < 1 or not 0 < kw.get("server_mem_fraction", 0.9) <= 1:
+        raise UserError("--server-max-seqs must be at least 1 and --server-mem-fraction in "
+                        "(0, 1]")
+    return {"max_num_seqs": kw.get("server_max_seqs", 256),
+            "mem_fraction": kw.get("server_mem_fraction", 0.9),
+            "prefix_caching": kw.get("server_prefix_caching", True),
+            "max_model_len": kw.get("server_max_model_len"),
+            "startup_timeout": kw.get("server_startup_timeout", 1800.0),
+            "extra_args": list(kw.get("server_args") or []),
+            "cache_dir": kw.get("server_cache_dir")}
 
 
 def load_preset(ctx, param, value):
@@ -154,7 +198,7 @@ def spec_from(kw: dict):
                       gguf_file=kw.get("gguf_file"), adapter=kw.get("adapter"),
                       tensor_parallel_size=kw["tensor_parallel_size"],
                       endpoint=record_endpoint(kw.get("endpoint")),
-                      api_key_env=kw.get("api_key_env"))
+                      api_key_env=kw.get("api_key_env"), server=server_from(kw))
 
 
 def record_endpoint(url: str | None) -> str | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..errors import UserError
 from .base import Decoding, Engine, EngineSpec, Generation, GenerationError
 
-ENGINES = ("transformers", "vllm", "openai", "echo")
+ENGINES = ("transformers", "vllm", "vllm-server", "sglang-server", "openai", "echo")
 
 __all__ = ["Decoding", "Engine", "EngineSpec", "Generation", "GenerationError", "ENGINES",
            "load_engine"]
@@ -31,6 +31,11 @@ def load_engine(spec: EngineSpec) -> Engine:
             raise UserError("--engine vllm needs --model")
         from .vllm_engine import VllmEngine
         return VllmEngine(spec)
+    if spec.engine in ("vllm-server", "sglang-server"):
+        if not spec.model:
+            raise UserError(f"--engine {spec.engine} needs --model (a Hub id or a local folder)")
+        from .server_engine import ServerEngine
+        return ServerEngine(spec)
     if spec.engine == "openai":
         if not spec.model:
             raise UserError("--engine openai needs --model (the name the endpoint serves)")

@@ -51,6 +51,8 @@ class EngineSpec:
     device: str = "auto"
     endpoint: str | None = None       # openai: the server's base URL (not output-shaping)
     api_key_env: str | None = None    # openai: the variable holding the key (never the key)
+    server: dict | None = None        # vllm-server/sglang-server: server.ServerOptions fields
+    log_dir: str | None = None        # server engines: where the server's log goes (worker's)
 
 
 class Engine:

@@ -13,9 +13,12 @@ Layout: one cache for the running rows, ``[rows, heads, columns, dim]`` per laye
 ``GrowingLayer`` buffers), and a 2-D attention mask marking each row's real columns. A row is
 ``[left padding][shared prefix][padding][own suffix][generated…]``; positions are tracked
 per row, so its tokens keep positions 0..n-1 whatever padding lies around them. Finished rows
-are dropped, and new rows admitted, in groups (each change copies the cache once; new rows
-are prefilled in chunks of similar length), and columns no running row needs any more are cut
-off at the same time.
+are dropped, and new rows admitted, in groups (new rows are prefilled in chunks of similar
+length), and columns no running row needs any more are cut off at the same time. When rows
+only leave, the survivors are compacted inside the buffers they already have (a gather by
+row index, the cut columns become a view offset): no new buffer, no copy of the whole cache.
+When rows join, one new buffer is allocated uninitialised and only each row's left padding is
+zeroed, instead of zero-filling the whole buffer and then overwriting most of it.
 
 Only for models whose cache is plain full attention (one ``DynamicLayer`` per layer: LLaMA,
 SmolLM2, Qwen2, …); ``supported(model)`` says so, and the engine falls back to ``generate``.
@@ -70,6 +73,12 @@ def _buffers(like: torch.Tensor, rows: int, columns: int):
     """Zeroed, so that padding columns hold no NaN for masked attention to multiply by 0."""
     shape = (rows, like.shape[1], columns, like.shape[3])
     return like.new_zeros(shape), like.new_zeros(shape)
+
+
+def _empty_buffers(like: torch.Tensor, rows: int, columns: int):
+    """Uninitialised: the caller zeroes the padding it leaves and writes everything else."""
+    shape = (rows, like.shape[1], columns, like.shape[3])
+    return like.new_empty(shape), like.new_empty(shape)
 
 
 def supported(model) -> bool:
@@ -132,7 +141,7 @@ class SharedPrefix:
         positions = (n + own.cumsum(1) - 1).clamp(min=n)
         layers = []
         for k, v in self.kv:
-            kb, vb = _buffers(k, rows, n + width + SPARE)
+            kb, vb = _empty_buffers(k, rows, n + width + SPARE)   # all written
             kb[:, :, :n], vb[:, :, :n] = k, v
             layers.append(GrowingLayer.holding(kb, vb, n))
         cache = Cache(layers=layers) if layers else Cache(layer_class_to_replicate=GrowingLayer)
@@ -243,9 +252,12 @@ class ContinuousDecoder:
 
     def _regroup(self, keep: list[int], running, new: list):
         """Running rows ``keep`` plus the newly prefilled chunks as one batch, right-aligned
-        (left-padded) to a common width, without the columns no row uses any more: each part
-        is copied once into fresh buffers."""
+        (left-padded) to a common width, without the columns no row uses any more. Rows only
+        leaving: compacted in place (``_compact``); rows joining: each part copied once into
+        one new buffer whose padding alone is zeroed."""
         cache, mask, pos, last = running
+        if not new and cache is not None and keep:
+            return self._compact(keep, running)
         parts = []
         if cache is not None and keep:
             idx = torch.tensor(keep, device=self.device)
@@ -257,19 +269,47 @@ class ContinuousDecoder:
         masks = torch.cat([F.pad(p[2], (width - p[2].shape[1], 0)) for p in parts])
         cut = int(masks.any(0).long().argmax())      # first column some row still uses
         layers = []
-        part_kv = [_kv(p[0]) for p in parts]
-        for li, (k0, _) in enumerate(part_kv[0]):
-            kb, vb = _buffers(k0, masks.shape[0], width - cut + SPARE)
+        olds = [p[0].layers for p in parts]
+        del running, cache, new
+        for li in range(len(olds[0])):
+            k0 = olds[0][li].keys
+            kb, vb = _empty_buffers(k0, masks.shape[0], width - cut + SPARE)
             row = 0
-            for kv, (_, idx, m, _, _) in zip(part_kv, parts):
-                k, v = kv[li]
-                if idx is not None:
+            for old, (_, idx, m, _, _) in zip(olds, parts):
+                k, v = old[li].keys, old[li].values
+                if idx is not None and len(idx) < k.shape[0]:
                     k, v = k.index_select(0, idx), v.index_select(0, idx)
                 skip = max(0, cut - (width - m.shape[1]))   # leading columns nobody uses
-                rows, cols = slice(row, row + len(m)), slice(width - cut - m.shape[1] + skip,
-                                                            width - cut)
-                kb[rows, :, cols], vb[rows, :, cols] = k[:, :, skip:], v[:, :, skip:]
+                start = width - cut - m.shape[1] + skip
+                rows = slice(row, row + len(m))
+                kb[rows, :, start:width - cut], vb[rows, :, start:width - cut] = \
+                    k[:, :, skip:], v[:, :, skip:]
+                if start:
+                    kb[rows, :, :start].zero_()
+                    vb[rows, :, :start].zero_()
                 row += len(m)
+                old[li] = None      # this layer's old buffers can go now: the peak stays at
+                del k, v            # one copy of the cache plus one layer, not two copies
             layers.append(GrowingLayer.holding(kb, vb, width - cut))
         return (Cache(layers=layers), masks[:, cut:], torch.cat([p[3] for p in parts]),
                 torch.cat([p[4] for p in parts]))
+
+    def _compact(self, keep: list[int], running):
+        """Finished rows leave: the survivors are gathered by index into the first rows of
+        the buffers they already occupy, and the columns none of them uses any more become a
+        view offset. Nothing is allocated but the gathered rows' temporary."""
+        cache, mask, pos, last = running
+        idx = torch.tensor(keep, device=self.device)
+        m = mask.index_select(0, idx)
+        cut = int(m.any(0).long().argmax())
+        n = len(keep)
+        # survivor i moves up from row keep[i] >= i: copied in increasing order, no source is
+        # overwritten before it is read; only the rows that move, only their used columns
+        moves = [(i, r) for i, r in enumerate(keep) if i != r]
+        for layer in cache.layers:
+            k, v, width = layer._k, layer._v, layer._n
+            for i, r in moves:
+                k[i, :, cut:width].copy_(k[r, :, cut:width])
+                v[i, :, cut:width].copy_(v[r, :, cut:width])
+            layer._hold(k[:n, :, cut:], v[:n, :, cut:], width - cut)
+        return cache, m[:, cut:], pos.index_select(0, idx), last.index_select(0, idx)

@@ -41,7 +41,8 @@ from .hf_tokenizer import HFTokenizerMixin
 
 DEFAULT_MAX_PROMPT_TOKENS = 256
 # Rows in flight. On CPU, SmolLM2-135M on 2 cores runs fastest with 48-96 (docs/benchmarks.md);
-# on a GPU, the out-of-memory fallback halves it for models that do not fit.
+# on a GPU (continuous decoding) it follows from the free memory after the weights
+# (engines.gpu_memory); the out-of-memory fallback halves it when that was too optimistic.
 DEFAULT_BATCH_SIZE = 64
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OOM_MESSAGES = ("out of memory", "can't allocate memory")
@@ -111,6 +112,22 @@ class TransformersEngine(HFTokenizerMixin, Engine):
         self._setup_generation()
         self.setup_chat(spec.chat_template, spec.model)
         self.max_prompt_tokens = self._prompt_budget()
+        self.batch_from = "flag" if spec.batch_size else "default"
+        if not spec.batch_size and self.device.type == "cuda":
+            self.batch_size, self.batch_from = self._gpu_batch_size(), "gpu memory"
+
+    def _gpu_batch_size(self) -> int:
+        """Rows in flight from the memory free after the weights (engines.gpu_memory); beam
+        search counts each beam as a row."""
+        from .continuous import SPARE
+        from .gpu_memory import kv_bytes_per_token, rows_for_memory
+        torch.cuda.synchronize(self.device)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        cfg = self.model.config
+        dtype_bytes = torch.tensor([], dtype=self.dtype).element_size()
+        tokens = self.max_prompt_tokens + self.spec.decoding.max_new_tokens + SPARE
+        return rows_for_memory(free, kv_bytes_per_token(cfg, dtype_bytes), tokens,
+                               cfg.vocab_size)
 
     def _setup_generation(self) -> None:
         """Left padding, a pad token (EOS if the model has none), and a generation config
@@ -175,8 +192,9 @@ class TransformersEngine(HFTokenizerMixin, Engine):
 
     def runtime(self) -> dict:
         import transformers
-        return {"batch_size": self.batch_size, "device": str(self.device),
-                "adapter_merged": self.merged,
+        return {"batch_size": self.batch_size,
+                "batch_size_from": getattr(self, "batch_from", "engine"),
+                "device": str(self.device), "adapter_merged": getattr(self, "merged", False),
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                 "transformers": transformers.__version__}
@@ -194,6 +212,7 @@ class TransformersEngine(HFTokenizerMixin, Engine):
             todo = [i for i, g in enumerate(out) if g is None]
             if not todo:
                 return out
+            oom = None
             try:
                 if self.continuous:
                     self._continuous([ids[i] for i in todo], todo, out)
@@ -202,11 +221,16 @@ class TransformersEngine(HFTokenizerMixin, Engine):
             except Exception as e:
                 if not is_oom(e):
                     raise GenerationError(f"{type(e).__name__}: {e}") from e
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if self.batch_size == 1:
-                    raise GenerationError(f"out of memory at batch size 1: {e}") from e
-                self.batch_size //= 2
+                oom = str(e)   # not the exception: its traceback holds the step's tensors
+            if oom is None:
+                continue
+            # here the failed step's frames (and their tensors) are gone: the allocator can
+            # give their memory back before the retry at half the batch
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if self.batch_size == 1:
+                raise GenerationError(f"out of memory at batch size 1: {oom}")
+            self.batch_size //= 2
 
     def _continuous(self, ids: list[list[int]], where: list[int], out: list) -> None:
         d = self.spec.decoding

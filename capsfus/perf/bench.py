@@ -204,6 +204,9 @@ def preloaded_engine(model, tok, spec, fixed: int | None):
                 self.generation_config.min_new_tokens = fixed
             self.setup_chat(spec.chat_template, spec.model)
             self.max_prompt_tokens = self._prompt_budget()
+            self.batch_from = "flag" if spec.batch_size else "default"
+            if not spec.batch_size and self.device.type == "cuda":   # as the engine does
+                self.batch_size, self.batch_from = self._gpu_batch_size(), "gpu memory"
     return Preloaded()
 
 

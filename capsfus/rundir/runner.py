@@ -50,7 +50,12 @@ __all__ = ["EngineFailing", "Fenced", "Processor", "ShardResult", "StageContext"
 class EngineFailing(Exception):
     """Raised by a processor when its engine, not a row, is failing (stages/failures.py):
     the chunk's rows are not rejected, the shard is marked failed with this error, and the
-    worker takes no more shards."""
+    worker takes no more shards. An engine's own exception that says the same without
+    importing the run dir (e.g. a server that died twice) carries ``engine_failing = True``."""
+
+
+def _engine_failing(err: BaseException) -> bool:
+    return isinstance(err, EngineFailing) or getattr(err, "engine_failing", False) is True
 
 
 @dataclass
@@ -276,13 +281,13 @@ def _run_leased(ctx: StageContext, shard: int, lease: Lease) -> ShardResult:
             return ShardResult(shard, "fenced", error=str(err))
         from ..errors import UserError
         msg = f"{type(err).__name__}: {err}"
-        if isinstance(err, (UserError, EngineFailing)):   # a clear cause: no traceback
+        fatal = _engine_failing(err)
+        if isinstance(err, UserError) or fatal:   # a clear cause: no traceback
             log.error("shard %d failed: %s", shard, err)
         else:
             log.error("shard %d failed: %s\n%s", shard, msg,
                       "".join(traceback.format_exception(err)))
         state["status"] = "failed"
-        fatal = isinstance(err, EngineFailing)
         state["last_error"] = {"message": msg[:2000], "time": time.time(), "epoch": lease.epoch,
                                **({"engine_failing": True} if fatal else {})}
         try:
@@ -309,7 +314,7 @@ def _guarded_retry(ctx: StageContext, shard: int, lease: Lease, state: dict,
         msg = f"{type(e).__name__}: {e}"
         log.error("shard %d: retrying its rejected rows failed (the shard keeps its earlier "
                   "output): %s", shard, msg)
-        return ShardResult(shard, "failed", error=msg, fatal=isinstance(e, EngineFailing))
+        return ShardResult(shard, "failed", error=msg, fatal=_engine_failing(e))
     return ShardResult(shard, "done", n, gen_s, time.time() - t0)
 
 

@@ -154,8 +154,14 @@ class FuseJob:
         return job, input_stage, job.settings(revision)
 
     def open(self):
+        from dataclasses import replace
+        from pathlib import Path
+
         from ..engines import load_engine
         from ..rundir.job import Opened
-        engine = load_engine(self.spec)
+        spec = self.spec
+        if spec.engine.endswith("-server"):   # the server's log beside the worker's
+            spec = replace(spec, log_dir=str(Path(self.run_dir) / self.stage / "logs"))
+        engine = load_engine(spec)
         return Opened(FuseProcessor(engine, self.template, self.max_attempts),
                       describe=engine.describe(), runtime=engine.runtime(), close=engine.close)
