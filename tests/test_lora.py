@@ -175,6 +175,135 @@ def test_lora_train_kill_resume_export_fuse(tmp_path, tiny_llama_dir):
         "Traceback" not in p6.stderr, p6.stderr[-2000:]
 
 
+@pytest.mark.slow
+def test_lora_zero3_two_ranks_kill_resume_export_fuse(tmp_path, tiny_llama_dir):
+    """LoRA under DeepSpeed ZeRO-3, two CPU ranks over gloo: the frozen base is partitioned at
+    load, only the adapter trains; every checkpoint holds the engine's shards (what resume
+    reads) and the gathered adapter (what --export-now reads); SIGKILL and resume redo the
+    steps bit for bit; the export is the gathered adapter, whole, that `capsfus fuse` uses."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from capsfus.engines.adapter import adapter_sha256
+    from capsfus.train.checkpoints import latest_complete
+    from capsfus.train.config import TrainConfig
+    from capsfus.train.data import load_rows
+    from capsfus.train.lora import wrap
+    from capsfus.train.trainer import heldout_loss
+    steps = 12
+    src = write_jsonl(tmp_path / "rows.jsonl", fusion_rows())
+    prompt = tmp_path / "short.txt"
+    prompt.write_text(SHORT_PROMPT)
+    cfg = write_config(tmp_path / "tiny.yaml", global_batch_size=4, per_device_batch_size=2,
+                       max_steps=steps, learning_rate=1e-2, warmup_steps=2, eval_fraction=0.1,
+                       save_steps=2, save_total_limit=2, eval_steps=1000, logging_steps=1,
+                       samples_per_eval=0, deepspeed=str(REPO / "jobs" / "deepspeed-zero3.json"),
+                       chat_template="off")
+    out = tmp_path / "out"
+    args = _train_args(src, tiny_llama_dir, cfg, out, prompt, "--nproc", "2")
+
+    # 1. run, SIGKILL the process group (both ranks) a step past a complete checkpoint
+    p = subprocess.Popen(args, cwd=REPO, env=env(), start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 400
+    while not _stepped_past_a_checkpoint(out):
+        assert p.poll() is None, f"training ended early: {p.stderr.read()[-3000:]}"
+        assert time.time() < deadline, "no complete checkpoint in time"
+        time.sleep(0.05)
+    time.sleep(random.uniform(0, 0.5))
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    t = time.time()
+    while _group_alive(p.pid) and time.time() < t + 10:
+        time.sleep(0.1)
+    assert not _group_alive(p.pid), "ranks survived the kill"
+    assert not (out / "model").exists(), "the run finished before the kill: test is void"
+    ckpt = latest_complete(out / "checkpoints")
+    files = sorted(os.listdir(ckpt))
+    assert (ckpt / "adapter_model.safetensors").is_file(), files
+    assert not (ckpt / "model.safetensors").exists(), files
+    shards = sorted(x.name for x in next(ckpt.glob("global_step*")).iterdir())
+    assert [s for s in shards if s.endswith("optim_states.pt")] == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt"], shards
+
+    # the frozen base was partitioned over the two ranks; only the adapter is trainable
+    start = next(e for e in read_log(out) if e.get("event") == "start")
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    n_base = sum(x.numel() for x in fresh.parameters())
+    peft = wrap(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                TrainConfig(base_model="tiny", lora_r=4, lora_alpha=16, lora_dropout=0.0))
+    n_adapter = sum(x.numel() for x in peft.parameters() if x.requires_grad)
+    params = start["params"]
+    assert params["trainable"] == n_adapter and params["frozen"] == n_base, (params, n_base)
+    assert params["frozen_on_this_rank"] <= n_base // 2 + 200, params
+
+    # 1b. --export-now reads the checkpoint's gathered adapter (no DeepSpeed needed)
+    p1 = subprocess.run(args + ["--export-now"], cwd=REPO, env=env(), capture_output=True,
+                        text=True, timeout=300)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    early = json.loads((out / "model" / "capsfus_training.json").read_text())
+    assert early["stopped_at_step"] == int(ckpt.name.split("-")[1]) == early["global_step"]
+    w_ckpt = load_file(ckpt / "adapter_model.safetensors")
+    w_early = load_file(out / "model" / "adapter_model.safetensors")
+    assert w_ckpt.keys() == w_early.keys() and all(torch.equal(w_ckpt[k], w_early[k])
+                                                   for k in w_ckpt)
+
+    # 2. the same command resumes from the engine's shards; redone steps are bit-identical
+    p2 = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert p2.returncode == 0, p2.stderr[-4000:]
+    log = read_log(out)
+    starts = [e for e in log if e.get("event") == "start"]
+    assert len(starts) == 2 and starts[-1]["resume_from"] is not None
+    assert starts[-1]["world_size"] == 2
+    second = log[log.index(starts[-1]) + 1:]
+    resumed = int(starts[-1]["resume_from"].split("-")[1])
+    assert [e["step"] for e in second if "loss" in e] == list(range(resumed + 1, steps + 1))
+    assert_redone_steps_identical(log)
+
+    # 3. the export: the adapter gathered whole from the partitions, naming its base
+    model_dir = out / "model"
+    info = json.loads((model_dir / "capsfus_training.json").read_text())
+    assert info["global_step"] == steps and "stopped_at_step" not in info
+    assert info["world_size"] == 2 and info["adapter"]["r"] == 4
+    assert not (model_dir / "model.safetensors").exists()
+    assert json.loads((model_dir / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == str(tiny_llama_dir)
+    weights = load_file(model_dir / "adapter_model.safetensors")
+    from peft import get_peft_model_state_dict
+    want = get_peft_model_state_dict(peft)
+    assert {k: tuple(v.shape) for k, v in weights.items()} == \
+        {k: tuple(v.shape) for k, v in want.items()}, "empty or missing partitions"
+    assert all(k.endswith("lora_A.weight") or v.abs().sum() > 0 for k, v in weights.items()), \
+        "a lora_B never moved from zero: not trained, or not gathered"
+    # base + adapter, reloaded in one process, gives the loss the two ranks measured; the
+    # base alone does worse
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ev = load_rows(out / "data" / "eval.jsonl")
+    base_only = heldout_loss(fresh, ev, 3, tok.pad_token_id)["loss"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                                      model_dir).merge_and_unload()
+    again = heldout_loss(model, ev, 3, tok.pad_token_id)
+    assert again["tokens"] == info["heldout"]["tokens"]
+    assert again["loss"] == pytest.approx(info["heldout"]["loss"], rel=1e-4)
+    assert base_only > again["loss"] + 0.2, (base_only, again)
+
+    # 4. fuse with --model ADAPTER: exactly once, the adapter's hash in the settings
+    run = out / "data-run"
+    capsfus("fuse", run, "--model", model_dir, "--max-new-tokens", 8, "--tag", "lora")
+    fused, rejected = assert_exactly_once(run, "fuse@lora")
+    assert len(fused) == len(fusion_rows()) and not rejected
+    s = json.loads((run / "fuse@lora" / "config.json").read_text())["settings"]
+    assert s["adapter_sha256"] == adapter_sha256(model_dir)
+    assert s["adapter_base"] == str(tiny_llama_dir)
+
+    # 5. the same command once more: nothing to do
+    p3 = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert p3.returncode == 0 and "already trained" in p3.stderr, p3.stderr[-2000:]
+
+
 def test_engine_merges_adapter_and_matches_unmerged(tmp_path, tiny_llama_dir):
     """The merged model the engine fuses with computes what base + adapter computes."""
     import torch

@@ -183,6 +183,23 @@ def heldout_loss(model, rows: list[dict], batch_size: int, pad_id: int) -> dict:
     return {"loss": total[0].item() / max(1.0, total[1].item()), "tokens": int(total[1].item())}
 
 
+def _is_peft(model) -> bool:
+    return type(model).__module__.startswith("peft.")
+
+
+def param_counts(model) -> dict:
+    """Trainable and frozen parameters (full sizes), and the frozen ones this rank holds: under
+    ZeRO-3 the base is partitioned at load (each rank holds about 1/world of it)."""
+    out = {"trainable": 0, "frozen": 0, "frozen_on_this_rank": 0}
+    for p in model.parameters():
+        full = getattr(p, "ds_numel", None) or p.numel()
+        here = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        out["trainable" if p.requires_grad else "frozen"] += full
+        if not p.requires_grad:
+            out["frozen_on_this_rank"] += here
+    return out
+
+
 def trainer_class():
     from transformers import Trainer
 
@@ -190,8 +207,11 @@ def trainer_class():
         def save_model(self, output_dir=None, _internal_call=False):
             """Checkpoints under DeepSpeed skip the gathered 16-bit copy of the weights: the
             engine's own shards (written with the optimizer) are what resume loads, and a 13B
-            gather is 26 GB per checkpoint. The export gathers once, at the end."""
-            if _internal_call and self.is_deepspeed_enabled:
+            gather is 26 GB per checkpoint. The export gathers once, at the end. A LoRA
+            adapter is the exception: only the trainable (adapter) weights are gathered, a few
+            MB, so each checkpoint holds ``adapter_model.safetensors`` too (``--export-now``
+            reads it; resume reads the engine's shards)."""
+            if _internal_call and self.is_deepspeed_enabled and not _is_peft(self.model):
                 return
             super().save_model(output_dir, _internal_call)
     return CapsfusTrainer
@@ -253,6 +273,7 @@ def main(output: str | Path) -> int:
     if rank() == 0:
         with open(out / "log.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"event": "start", "time": time.time(), "world_size": world(),
+                                "params": param_counts(model),
                                 "resume_from": resume.name if resume else None}) + "\n")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     loss_rows = eval_rows[:cfg.heldout_loss_rows] if cfg.heldout_loss_rows else eval_rows
