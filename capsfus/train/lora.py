@@ -5,10 +5,11 @@ transformers); ``wrap`` adds rank-``lora_r`` adapters to the target modules (def
 attention and MLP projections) and freezes everything else. HF Trainer saves and restores a
 PEFT model's checkpoints itself (``adapter_model.safetensors`` + optimizer, scheduler, RNG and
 data position), so resume, the completion markers and retention are the same as for full
-finetuning. Under DeepSpeed ZeRO-3 (or 1/2) the base is partitioned at load like any model
-and the adapters after wrapping; the optimizer holds the adapter alone. Resume reads the
-engine's shards; each checkpoint and the export also hold the adapter gathered whole (only the
-trainable weights are gathered: megabytes, not the base), which ``--export-now`` reads.
+finetuning. Under DeepSpeed ZeRO-3 the base is partitioned at load like any model and the
+adapters when the engine starts (under ZeRO-2 only optimizer state and gradients are); the
+optimizer holds the adapter alone. Resume reads the engine's shards; each checkpoint and the
+export also hold the adapter gathered whole (only the trainable weights are gathered:
+megabytes, not the base), which ``--export-now`` reads.
 
 The export (``OUTPUT/model``, see export.py) is the adapter folder: ``adapter_config.json``
 (its ``base_model_name_or_path`` is the base as it was given to ``--base-model``, not a
