@@ -10,8 +10,9 @@ the adapter with the short prompt it was trained on (`ADAPTER/prompt.txt`, no ch
 zero-shot SmolLM2 as the demo fuses (the paper's prompt through its chat template).
 
     OMP_NUM_THREADS=1 nice -n 19 python bench/lora_heldout_eval.py \
-        --data /work/shared/data/capsfusion_example_10k.json \
         --adapter models/smollm2-135m-fuse-lora --rows 200 --work /tmp/lora-eval
+
+(``--data`` defaults to the release rows the repository carries in ``tests/data``.)
 
 Prints a markdown table (and writes WORK/table.json). Reruns reuse what is done (the fuse and
 filter stages resume).
@@ -56,7 +57,7 @@ def fuse_speed(run: Path, stage: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", help="the release's 10k rows (default: the copy in tests/data)")
     ap.add_argument("--adapter", required=True)
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--work", required=True)
@@ -67,6 +68,9 @@ def main() -> None:
     adapter = Path(a.adapter).resolve()
     ids = [x.strip() for x in (adapter / "heldout_ids.txt").read_text().splitlines()
            if x.strip()][:a.rows]
+    if not a.data:
+        from capsfus.ingest.example_data import example_data
+        a.data = str(example_data())
     rows = json.loads(Path(a.data).read_text())
     subset = work / f"heldout{len(ids)}.jsonl"
     with open(subset, "w", encoding="utf-8") as f:

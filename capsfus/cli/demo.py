@@ -111,18 +111,19 @@ def run_demo(out: str, n_rows: int, console) -> None:
     if not 1 <= n_rows <= 1000:
         raise UserError("--rows: 1 to 1000 (the rows held out of the demo model's training)")
     name, preset, spec, template, chunk, ids = demo_job_parts()
-    rows = example_rows()
-    if ids:     # rows the adapter never saw in training, in its held-out order
-        by_id = {f"{NAME}:{i}": r for i, r in enumerate(rows)}
-        rows = [by_id[i] for i in ids if i in by_id]
+    # rows keep the release's ids (`capsfusion_example_10k.json:N`), as `capsfus shard` of the
+    # release file gives them
+    rows = {f"{NAME}:{i}": r for i, r in enumerate(example_rows())}
+    # the adapter's held-out rows (never seen in training) in their order, else the first rows
+    chosen = [i for i in ids if i in rows] if ids else list(rows)
     data = out_dir.parent / f"{out_dir.name}-sample.jsonl"
     with open(data, "w", encoding="utf-8") as f:
-        for row in rows[:n_rows]:
+        for row_id in chosen[:n_rows]:
             # the release's own fusion is left out: the demo makes its own
-            row = {k: v for k, v in row.items() if k != FUSED_COL}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            row = {k: v for k, v in rows[row_id].items() if k != FUSED_COL}
+            f.write(json.dumps({"id": row_id, **row}, ensure_ascii=False) + "\n")
     console.rule("1. shard")
-    m = shard([str(data)], out_dir, rows_per_shard=max(1, n_rows // 2))
+    m = shard([str(data)], out_dir, rows_per_shard=max(1, n_rows // 2), id_col="id")
     console.print(f"{data} → {out_dir}: {m['counts']['accepted']} rows in {len(m['shards'])} "
                   f"shards (layout {m['mapping']['layout']}), "
                   f"{sum(m['counts']['rejected'].values())} rejected")
