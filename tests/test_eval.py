@@ -73,6 +73,27 @@ def test_corpus_bleu_by_hand():
     want = math.exp(1 - 12 / 10) * math.exp(sum(math.log(x) for x in p) / 4)
     assert b.score() == pytest.approx(want)
 
+def test_cider_d_by_hand():
+    """Two rows: idf weight log(2) for every n-gram (each in one row's reference, or none)."""
+    c = M.CorpusCider()
+    c.add("c d", "C, d.")                      # identical: cosine 1 for 1- and 2-grams, no 3/4
+    assert c.scores() == [0.0]                 # one row: log(1) - log(1) = 0, every weight 0
+    c.add("a b a", "a b")
+    # row "a b a" vs "a b", weights in units of log 2: 1-grams (a 2, b 1) . (a 1, b 1), clipped
+    # min(2,1)*1 + 1*1 = 2 over |(2,1)| |(1,1)| = sqrt(5) sqrt(2); 2-grams ("a b" 1, "b a" 1)
+    # . ("a b" 1) = 1 over sqrt(2) * 1; no 3-gram in the reference: 0; bigram counts 2 vs 1
+    row = (2 / math.sqrt(10) + 1 / math.sqrt(2)) * math.exp(-1 / 72) / 4 * 10
+    assert c.scores() == pytest.approx([5.0, row], abs=1e-12)
+    assert c.score() == pytest.approx((5.0 + row) / 2, abs=1e-12)
+    # clipping: repeating a matched word more often than the reference does adds nothing
+    rep, once = M.CorpusCider(), M.CorpusCider()
+    for cider, cand in ((rep, "dog dog dog dog"), (once, "dog")):
+        cider.add(cand, "a dog")
+        cider.add("x", "a cat")
+    assert rep.scores()[0] < once.scores()[0]
+    assert M.CorpusCider().score() is None
+
+
 
 def test_knowledge_retention_and_novel_words_by_hand():
     raw = "Nike Air Max 90 running shoes for sale"
@@ -147,6 +168,10 @@ def test_eval_outside_files_joined_on_id_with_unpartnered_counted(tmp_path):
     s = rep["systems"]["fused"]
     want_rouge = sum(M.rouge_l(f, ref_text[i])["f"] for i, (_, _, f) in enumerate(joined)) / 5
     assert s["rouge_l"] == pytest.approx(want_rouge)
+    want_cider = M.CorpusCider()
+    for i, (_, _, f) in enumerate(joined):
+        want_cider.add(f, ref_text[i])
+    assert 0 < s["cider"] == pytest.approx(want_cider.score())
     assert M.rouge_l(ROWS[0][2], ref_text[0])["f"] == 1.0
     assert s["leak"] == pytest.approx(1 / 5)              # "Sentence 1: ..."
     assert s["concatenation"] == pytest.approx(1 / 5)     # the Lake Tahoe row
@@ -158,6 +183,7 @@ def test_eval_outside_files_joined_on_id_with_unpartnered_counted(tmp_path):
     md = (out / "report.md").read_text()
     assert "## Pairwise judge\n\nnot run" in md and "| raw + synthetic |" in md
     assert "Golden Gate" not in md                        # u5 has no reference: not shown
+    assert "CIDEr-D (1 ref.)" in md and "not with COCO's 5-reference figures" in md
     per_row = list(iter_jsonl_zst(out / "per_row.jsonl.zst"))
     assert [r["id"] for r in per_row] == [f"u{i}" for i in range(5)]
     assert per_row[3]["metrics"]["fused"]["concatenation"] is True

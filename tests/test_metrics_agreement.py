@@ -4,7 +4,10 @@ the 2- to 4-gram precisions, sacrebleu's ``add-k``) and Google's ``rouge-score``
 no stemmer). "The same inputs": ours compare lowercased runs of letters and digits, so
 sacrebleu gets those tokens joined by spaces (``tokenize='none'``); rouge-score tokenizes
 itself (lowercase, split on anything not a-z0-9), which is the same on ASCII text (on
-non-ASCII letters ours keep "café" whole where rouge-score drops the "é")."""
+non-ASCII letters ours keep "café" whole where rouge-score drops the "é").
+
+CIDEr-D equals the COCO caption evaluation's (``pycocoevalcap``'s ``Cider``, pure Python) fed
+the same tokens joined by spaces: its PTBTokenizer needs Java and is not used."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from capsfus.quality import metrics as M
 
 sacrebleu = pytest.importorskip("sacrebleu")
 rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+coco_cider = pytest.importorskip("pycocoevalcap.cider.cider")
 
 
 def pairs(n: int = 400, seed: int = 3) -> list[tuple[str, str]]:
@@ -81,3 +85,32 @@ def test_corpus_bleu_equals_sacrebleu():
                                    smooth_method="none", lowercase=False)
     assert theirs.bp < 1
     assert ours.score() == pytest.approx(theirs.score / 100, abs=1e-9)
+
+
+def _coco_cider(rows: list[tuple[str, list[str]]]) -> tuple[float, list[float]]:
+    gts = {i: [_joined(r) for r in refs] for i, (_, refs) in enumerate(rows)}
+    res = {i: [_joined(c)] for i, (c, _) in enumerate(rows)}
+    score, scores = coco_cider.Cider().compute_score(gts, res)
+    return float(score), [float(x) for x in scores]
+
+
+def test_cider_d_equals_pycocoevalcap():
+    data = pairs()
+    ours = M.CorpusCider()
+    for cand, ref in data:
+        ours.add(cand, ref)
+    theirs, theirs_rows = _coco_cider([(c, [r]) for c, r in data])
+    assert 0.3 < ours.score() < 9                    # neither degenerate nor all copies
+    assert ours.score() == pytest.approx(theirs, abs=1e-9)
+    assert ours.scores() == pytest.approx(theirs_rows, abs=1e-9)
+    assert len({round(x, 6) for x in theirs_rows}) > 100  # varied rows, not a few repeated values
+    # several references per row (as COCO has), of different counts, and a small corpus
+    rng = random.Random(5)
+    multi = [(c, [r] + [rng.choice(data)[1] for _ in range(rng.randint(0, 4))])
+             for c, r in data[:150]]
+    ours = M.CorpusCider()
+    for cand, refs in multi:
+        ours.add(cand, refs)
+    theirs, theirs_rows = _coco_cider(multi)
+    assert ours.score() == pytest.approx(theirs, abs=1e-9)
+    assert ours.scores() == pytest.approx(theirs_rows, abs=1e-9)

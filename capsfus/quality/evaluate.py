@@ -162,7 +162,7 @@ def score(pairs: list[dict], candidate_label: str, embedder=None, progress=None)
     per_row: dict[str, list[dict]] = {}
     aggregates: dict[str, dict] = {}
     for name, texts in systems.items():
-        rows, bleu = [], M.CorpusBleu()
+        rows, bleu, cider = [], M.CorpusBleu(), M.CorpusCider()
         for i, (p, text) in enumerate(zip(pairs, texts)):
             k_all, k_named = known[i]
             r = {"retention": M.retention(k_all, text),
@@ -177,6 +177,7 @@ def score(pairs: list[dict], candidate_label: str, embedder=None, progress=None)
                 r["rouge_l"] = M.rouge_l(text, p["reference"])["f"]
                 r["bleu"] = M.sentence_bleu(text, p["reference"])
                 bleu.add(text, p["reference"])
+                cider.add(text, p["reference"])
                 if emb:
                     r["sim_reference"] = float(emb[name][i] @ emb["reference"][i])
             rows.append(r)
@@ -189,6 +190,7 @@ def score(pairs: list[dict], candidate_label: str, embedder=None, progress=None)
         if has_ref and name != "reference":
             agg["bleu_sentence_mean"] = agg.pop("bleu", None)
             agg["bleu_corpus"] = bleu.score()
+            agg["cider"] = cider.score()
         per_row[name] = rows
         aggregates[name] = agg
         if progress:
@@ -207,6 +209,7 @@ def write_per_row(path: Path, pairs: list[dict], per_row: dict[str, list[dict]])
 # ----------------------------------------------------------------------------------- report
 COLUMNS = [("ROUGE-L", "rouge_l", "f"), ("BLEU-4 (corpus)", "bleu_corpus", "f"),
            ("BLEU-4 (mean sent.)", "bleu_sentence_mean", "f"),
+           ("CIDEr-D (1 ref.)", "cider", "f"),
            ("emb. sim. to ref.", "sim_reference", "f"),
            ("retention", "retention", "%"), ("retention (names, numbers)",
                                              "retention_names_numbers", "%"),
@@ -244,8 +247,8 @@ def markdown(report: dict) -> str:
         r = report["reference"]
         out.append(f"Reference: `{r['run']}` stage `{r['stage']}`, column `{r['column']}`.")
     else:
-        out.append("No reference: reference-based metrics (ROUGE-L, BLEU, similarity to the "
-                   "reference) not computed.")
+        out.append("No reference: reference-based metrics (ROUGE-L, BLEU, CIDEr-D, similarity "
+                   "to the reference) not computed.")
     out += ["", "## Rows", "", "| | rows |", "|---|---:|"]
     out += [f"| {k.replace('_', ' ')} | {v:,} |" for k, v in c.items()]
     out += ["", "## Metrics", "",
@@ -254,7 +257,10 @@ def markdown(report: dict) -> str:
             "of the raw caption's content words absent from the synthetic caption that the "
             "output keeps. Novel words: share of the output's content words in neither input "
             "(a proxy: paraphrases count too). Concatenation and leakage: the filter rules "
-            "`concatenation` and `prompt_leak`/`preamble`.", ""]
+            "`concatenation` and `prompt_leak`/`preamble`."
+            + (" CIDEr-D: the COCO caption evaluation's CIDEr (`capsfus/quality/cider.py`) "
+               "with one reference per row, so its absolute values compare systems on these "
+               "rows, not with COCO's 5-reference figures." if report["reference"] else ""), ""]
     systems = report["systems"]
     cols = [(h, k, f) for h, k, f in COLUMNS if any(k in s for s in systems.values())]
     out.append("| system | rows | " + " | ".join(h for h, _, _ in cols) + " |")

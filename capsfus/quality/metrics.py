@@ -10,6 +10,10 @@ length counts whitespace words (``str.split()``), as ``capsfus stats`` does.
   ``corpus_bleu`` sums clipped n-gram counts over all rows (the standard aggregate);
   ``sentence_bleu`` adds one to the numerator and denominator of the 2- to 4-gram precisions
   (Lin & Och 2004, NLTK's ``method2``) so that one missing 4-gram does not zero a short caption.
+- ``CorpusCider``: CIDEr-D as the COCO caption evaluation reports it (``quality.cider``: tf-idf
+  n-grams 1..4 with document frequencies from the references, clipped cosine, Gaussian length
+  penalty sigma 6, times 10), a corpus figure. One reference per row here, so its absolute
+  values are not comparable to COCO's 5-reference figures.
 - ``knowledge_tokens``: what the raw alt-text knows that the synthetic caption does not: its
   content words (not in ``STOPWORDS``) absent from the synthetic caption; the "names and
   numbers" subset holds those written with a digit or a capital letter in the raw text.
@@ -32,6 +36,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import UserError
+from . import cider
 from .filters import Filters
 from .rules import WORD_RE, norm_words
 
@@ -136,6 +141,24 @@ class CorpusBleu:
             return 0.0
         logp = sum(math.log(m / t) for m, t in zip(self.matches, self.totals)) / self.max_n
         return brevity_penalty(self.cand_len, self.ref_len) * math.exp(logp)
+
+
+# --------------------------------------------------------------------------------- CIDEr
+class CorpusCider:
+    """Corpus CIDEr-D of candidate texts against their reference text(s), on ``tokens``."""
+
+    def __init__(self):
+        self.scorer = cider.CorpusCider()
+
+    def add(self, candidate: str, reference: str | list[str]) -> None:
+        refs = [reference] if isinstance(reference, str) or reference is None else reference
+        self.scorer.add(tokens(candidate), [tokens(r) for r in refs])
+
+    def scores(self) -> list[float]:
+        return self.scorer.scores()
+
+    def score(self) -> float | None:
+        return self.scorer.score()
 
 
 # ------------------------------------------------------------ knowledge and hallucination
