@@ -18,9 +18,10 @@ from conftest import caption_corpus
 
 from capsfus.quality import metrics as M
 
-sacrebleu = pytest.importorskip("sacrebleu")
-rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
-coco_cider = pytest.importorskip("pycocoevalcap.cider.cider")
+# installed by the `test` extra (install.sh): a missing one is an install error, not a skip
+import pycocoevalcap.cider.cider as coco_cider  # noqa: E402
+import rouge_score.rouge_scorer as rouge_scorer  # noqa: E402
+import sacrebleu  # noqa: E402
 
 
 def pairs(n: int = 400, seed: int = 3) -> list[tuple[str, str]]:
