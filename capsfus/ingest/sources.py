@@ -203,17 +203,6 @@ class Source:
             pos = 0
             consumed = 0  # characters dropped from the front of buf so far
 
-            def need(more_pos: int) -> bool:
-                nonlocal buf, pos, consumed
-                while len(buf) - pos < more_pos:
-                    more = f.read(1 << 20)
-                    if not more:
-                        return False
-                    buf = buf[pos:] + more
-                    consumed += pos
-                    pos = 0
-                return True
-
             def grow() -> bool:
                 """Appends the next block to buf; False at end of file."""
                 nonlocal buf, pos, consumed
@@ -223,6 +212,13 @@ class Source:
                 buf = buf[pos:] + more
                 consumed += pos
                 pos = 0
+                return True
+
+            def need(more_pos: int) -> bool:
+                """At least ``more_pos`` unread characters in buf; False at end of file."""
+                while len(buf) - pos < more_pos:
+                    if not grow():
+                        return False
                 return True
 
             def skip_ws():
