@@ -6,13 +6,15 @@ Why: a static batch runs until its longest row ends. Fusion outputs are short bu
 SmolLM2 most end within 10-40 tokens, a few run to ``max_new_tokens``), so most decode steps
 went to rows that had already finished. Here rows that finish leave the batch and waiting
 prompts take their places. And every fusion prompt starts with the same instruction (~100
-tokens of ~140): its keys/values are computed once per call and shared, instead of once per
+tokens of ~140): its keys/values are computed once per call and held once, instead of once per
 row (and, with ``generate``'s beam search, once per beam).
 
-Layout: one cache for the running rows, ``[rows, heads, columns, dim]`` per layer (in
-``GrowingLayer`` buffers), and a 2-D attention mask marking each row's real columns. A row is
-``[left padding][shared prefix][padding][own suffix][generated…]``; positions are tracked
-per row, so its tokens keep positions 0..n-1 whatever padding lies around them. Finished rows
+Layout: the shared prefix's keys/values are held once, ``[1, heads, n, dim]`` per layer, and
+read by every row through ``prefix_attention`` (one product for all rows, not one copy per
+row). The running rows have one cache of their own tokens, ``[rows, heads, columns, dim]`` per
+layer (in ``GrowingLayer`` buffers), and a 2-D mask marking each row's real columns. A row is
+``[left padding][own suffix][generated…]``; positions are tracked per row, so its tokens keep
+positions n..n+k-1 after the prefix whatever padding lies around them. Finished rows
 are dropped, and new rows admitted, in groups (new rows are prefilled in chunks of similar
 length), and columns no running row needs any more are cut off at the same time. When rows
 only leave, the survivors are compacted inside the buffers they already have (a gather by
@@ -21,7 +23,8 @@ When rows join, one new buffer is allocated uninitialised and only each row's le
 zeroed, instead of zero-filling the whole buffer and then overwriting most of it.
 
 Only for models whose cache is plain full attention (one ``DynamicLayer`` per layer: LLaMA,
-SmolLM2, Qwen2, …); ``supported(model)`` says so, and the engine falls back to ``generate``.
+SmolLM2, Qwen2, …) and whose attention goes through ``transformers``' attention interface;
+``supported(model)`` says so, and otherwise the engine falls back to ``generate``.
 """
 
 from __future__ import annotations
@@ -34,9 +37,14 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from . import prefix_attention
+from .prefix_attention import visible_mask
+
 Done = Callable[[int, list[int], bool], None]   # (prompt index, tokens without EOS, hit max)
 SPARE = 64     # free columns kept at the end of each key/value buffer
 REFILL = 0.25  # regroup once this share of the batch is free (finished, or never filled)
+PREFILL_TOKENS = 8192   # padded tokens per prefill chunk: bounds its activations and scores
+                        # (hundreds of rows join at once on a GPU; 64 rows on CPU stay one)
 
 
 class GrowingLayer(DynamicLayer):
@@ -82,8 +90,11 @@ def _empty_buffers(like: torch.Tensor, rows: int, columns: int):
 
 
 def supported(model) -> bool:
+    """Plain full-attention caches, and attention through ``transformers``' interface (which
+    ``prefix_attention`` plugs into)."""
     layers = DynamicCache(config=model.config).layers
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+    return (bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+            and prefix_attention.supported(model))
 
 
 def common_prefix(seqs: list[list[int]]) -> int:
@@ -105,12 +116,17 @@ def _kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 class SharedPrefix:
     """The token prefix all prompts of a call share (the fusion instruction), run through the
-    model once; ``extend`` runs each prompt's own tokens on top of it."""
+    model once. ``extend_shared`` runs each prompt's own tokens on top of it for the continuous
+    decoder, whose rows' caches then hold only their own tokens (the prefix is read through
+    ``prefix_attention``); ``extend`` copies the prefix into each row's cache, for ``generate``
+    (beam search)."""
 
     def __init__(self, model, prompts: list[list[int]], pad_id: int):
         self.model, self.pad_id, self.device = model, pad_id, model.device
         params = inspect.signature(model.forward).parameters
         self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        # transformers >= 5.2x names it ``cache`` (``past_key_values`` goes in 5.40)
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.n = common_prefix(prompts)
         self.kv = []
         if self.n:
@@ -119,17 +135,21 @@ class SharedPrefix:
             _, cache = self.forward(ids, torch.ones_like(ids), positions, DynamicCache())
             self.kv = _kv(cache)
 
-    def forward(self, ids, mask, positions, cache):
+    def forward(self, ids, mask, positions, cache, **extra):
         """Logits of the last column, and the cache."""
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, **self.last_only)
-        return out.logits[:, -1, :].float(), out.past_key_values
+                         use_cache=True, **{self.cache_arg: cache}, **self.last_only, **extra)
+        cache = out.cache if "cache" in out else out.past_key_values
+        return out.logits[:, -1, :].float(), cache
 
-    def extend(self, suffixes: list[list[int]]):
-        """Each prompt's tokens after the prefix, left-padded, on top of it. Returns the cache
-        (``GrowingLayer`` buffers), the mask, each row's next position and the last logits
-        (None when every suffix is empty)."""
-        dev, n, rows = self.device, self.n, len(suffixes)
+    def step(self, ids, own, positions, cache):
+        """Runs ``ids`` ``[rows, q]`` on rows whose caches hold their own tokens only; ``own``
+        marks each row's real columns, the new ones included (the prefix is seen by all)."""
+        return self.forward(ids, visible_mask(own, ids.shape[1]), positions, cache,
+                            shared_prefix=self.kv)
+
+    def _suffix_inputs(self, suffixes: list[list[int]]):
+        dev, rows = self.device, len(suffixes)
         width = max(len(s) for s in suffixes)
         ids = torch.full((rows, width), self.pad_id, dtype=torch.long, device=dev)
         own = torch.zeros((rows, width), dtype=torch.long, device=dev)
@@ -137,8 +157,26 @@ class SharedPrefix:
             if s:
                 ids[r, width - len(s):] = torch.tensor(s, device=dev)
                 own[r, width - len(s):] = 1
+        positions = (self.n + own.cumsum(1) - 1).clamp(min=self.n)
+        return ids, own, positions
+
+    def extend_shared(self, suffixes: list[list[int]]):
+        """Each prompt's own tokens (at least one each), left-padded, on top of the shared
+        prefix, in caches (``GrowingLayer`` buffers) that hold those tokens only. Returns the
+        cache, the own-columns mask, each row's next position and the last logits."""
+        ids, own, positions = self._suffix_inputs(suffixes)
+        logits, cache = self.step(ids, own, positions,
+                                  Cache(layer_class_to_replicate=GrowingLayer))
+        return cache, own, self.n + own.sum(1), logits
+
+    def extend(self, suffixes: list[list[int]]):
+        """Each prompt's tokens after the prefix, left-padded, on top of a copy of it per row.
+        Returns the cache (``GrowingLayer`` buffers), the mask, each row's next position and
+        the last logits (None when every suffix is empty)."""
+        n, rows = self.n, len(suffixes)
+        ids, own, positions = self._suffix_inputs(suffixes)
+        width = ids.shape[1]
         mask = torch.cat([own.new_ones(rows, n), own], dim=1)
-        positions = (n + own.cumsum(1) - 1).clamp(min=n)
         layers = []
         for k, v in self.kv:
             kb, vb = _empty_buffers(k, rows, n + width + SPARE)   # all written
@@ -185,7 +223,7 @@ class ContinuousDecoder:
         self.device = model.device
 
     def run(self, prompts: list[list[int]], done: Done) -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), prefix_attention.active(self.model):
             self._run(prompts, done)
 
     def _run(self, prompts: list[list[int]], done: Done) -> None:
@@ -204,7 +242,8 @@ class ContinuousDecoder:
                 group = [waiting.pop() for _ in range(min(free, len(waiting)))]
                 new = []
                 for chunk in self._chunks(group, prompts, prefix.n):
-                    c, m, p, logits = prefix.extend([prompts[i][prefix.n:] for i in chunk])
+                    c, m, p, logits = prefix.extend_shared([prompts[i][prefix.n:]
+                                                            for i in chunk])
                     new.append((c, m, p, self.pick(logits)))
                 cache, mask, pos, last = self._regroup(keep, (cache, mask, pos, last), new)
                 rows = [rows[r] for r in keep] + group
@@ -215,7 +254,7 @@ class ContinuousDecoder:
                 if not rows:
                     continue
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            logits, cache = prefix.forward(last[:, None], mask, pos[:, None], cache)
+            logits, cache = prefix.step(last[:, None], mask, pos[:, None], cache)
             pos = pos + 1
             last = self.pick(logits)
             self._append(last, rows, out, finished, done, offset=0)
@@ -234,20 +273,23 @@ class ContinuousDecoder:
                 done(rows[r], out[r], True)
 
     @staticmethod
-    def _chunks(group: list[int], prompts, n_prefix: int, waste: float = 0.25) -> list[list[int]]:
+    def _chunks(group: list[int], prompts, n_prefix: int, waste: float = 0.25,
+                tokens: int = PREFILL_TOKENS) -> list[list[int]]:
         """Splits a group (longest first) where one more row would make more than ``waste``
-        of the padded prefill padding: one long caption must not pad a whole group."""
+        of the padded prefill padding (one long caption must not pad a whole group), or more
+        than ``tokens`` padded tokens."""
         chunks: list[list[int]] = []
         real = 0
         for i in group:
             n = len(prompts[i]) - n_prefix
-            if chunks and (len(chunks[-1]) + 1) * (len(prompts[chunks[-1][0]]) - n_prefix) \
-                    <= (1 + waste) * (real + n):
-                chunks[-1].append(i)
-                real += n
-            else:
-                chunks.append([i])
-                real = n
+            if chunks:
+                padded = (len(chunks[-1]) + 1) * (len(prompts[chunks[-1][0]]) - n_prefix)
+                if padded <= (1 + waste) * (real + n) and padded <= tokens:
+                    chunks[-1].append(i)
+                    real += n
+                    continue
+            chunks.append([i])
+            real = n
         return chunks
 
     def _regroup(self, keep: list[int], running, new: list):

@@ -1,8 +1,10 @@
 """How many rows the continuous decoder can keep in flight on a GPU: from the memory left after
 the weights and the model's key/value bytes per token, not from a CPU measurement.
 
-Per row in flight the decoder holds its key/value cache (prompt + new tokens + the buffers'
-spare columns) and, once per step, a row of float32 logits and the sampler's copies. When rows
+Per row in flight the continuous decoder holds the key/value cache of the row's own tokens
+(prompt after the shared prefix + new tokens + the buffers' spare columns) and, once per step, a
+row of float32 logits and the sampler's copies; the shared prefix is held once for all rows
+(``prefix_attention``). ``generate`` (beam search) holds the whole prompt per beam. When rows
 join the batch, a new cache is filled from the old one layer by layer, each old layer freed as
 soon as it is copied (``ContinuousDecoder._regroup``): the peak is one cache plus one layer
 (counted as 10%); when rows only leave, the cache is compacted in place.
@@ -23,8 +25,11 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
 
 
 def rows_for_memory(free_bytes: int, kv_per_token: int, tokens_per_row: int, vocab: int,
-                    share: float = 0.9, max_rows: int = MAX_ROWS) -> int:
+                    share: float = 0.9, max_rows: int = MAX_ROWS,
+                    shared_tokens: int = 0) -> int:
     """Rows in flight that fit in ``share`` of ``free_bytes`` (at least 1, at most
-    ``max_rows``)."""
+    ``max_rows``), each holding ``tokens_per_row`` tokens of its own, all sharing one copy of
+    ``shared_tokens``."""
     per_row = int(1.1 * kv_per_token * tokens_per_row) + 3 * 4 * vocab
-    return max(1, min(max_rows, int(free_bytes * share) // per_row))
+    budget = int(free_bytes * share) - kv_per_token * shared_tokens
+    return max(1, min(max_rows, budget // per_row))

@@ -36,13 +36,21 @@ from transformers import (
 from ..errors import UserError
 from ..models import resolve_model
 from .base import Engine, EngineSpec, Generation, GenerationError
-from .continuous import ContinuousDecoder, SharedPrefix, beam_inputs, supported
+from .continuous import (
+    SPARE,
+    ContinuousDecoder,
+    SharedPrefix,
+    beam_inputs,
+    common_prefix,
+    supported,
+)
 from .hf_tokenizer import HFTokenizerMixin
 
 DEFAULT_MAX_PROMPT_TOKENS = 256
 # Rows in flight. On CPU, SmolLM2-135M on 2 cores runs fastest with 48-96 (docs/benchmarks.md);
-# on a GPU (continuous decoding) it follows from the free memory after the weights
-# (engines.gpu_memory); the out-of-memory fallback halves it when that was too optimistic.
+# on a GPU it follows from the free memory after the weights and, for continuous decoding, each
+# call's prompt lengths (engines.gpu_memory); the out-of-memory fallback halves it (and caps it
+# for the rest of the run) when that was too optimistic.
 DEFAULT_BATCH_SIZE = 64
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OOM_MESSAGES = ("out of memory", "can't allocate memory")
@@ -113,21 +121,24 @@ class TransformersEngine(HFTokenizerMixin, Engine):
         self.setup_chat(spec.chat_template, spec.model)
         self.max_prompt_tokens = self._prompt_budget()
         self.batch_from = "flag" if spec.batch_size else "default"
+        self.oom_cap = None     # rows in flight an out-of-memory error left (GPU memory mode)
         if not spec.batch_size and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.free_after_weights, _ = torch.cuda.mem_get_info(self.device)
             self.batch_size, self.batch_from = self._gpu_batch_size(), "gpu memory"
 
-    def _gpu_batch_size(self) -> int:
-        """Rows in flight from the memory free after the weights (engines.gpu_memory); beam
-        search counts each beam as a row."""
-        from .continuous import SPARE
+    def _gpu_batch_size(self, own_tokens: int | None = None, shared_tokens: int = 0) -> int:
+        """Rows in flight from the memory free after the weights (engines.gpu_memory): at load,
+        for whole prompts at the budget (what ``generate`` holds per beam); per call of the
+        continuous decoder, for the call's longest own part (the shared prefix held once)."""
         from .gpu_memory import kv_bytes_per_token, rows_for_memory
-        torch.cuda.synchronize(self.device)
-        free, _ = torch.cuda.mem_get_info(self.device)
         cfg = self.model.config
         dtype_bytes = torch.tensor([], dtype=self.dtype).element_size()
-        tokens = self.max_prompt_tokens + self.spec.decoding.max_new_tokens + SPARE
-        return rows_for_memory(free, kv_bytes_per_token(cfg, dtype_bytes), tokens,
-                               cfg.vocab_size)
+        own = self.max_prompt_tokens if own_tokens is None else own_tokens
+        rows = rows_for_memory(self.free_after_weights, kv_bytes_per_token(cfg, dtype_bytes),
+                               own + self.spec.decoding.max_new_tokens + SPARE, cfg.vocab_size,
+                               shared_tokens=shared_tokens)
+        return min(rows, self.oom_cap or rows)
 
     def _setup_generation(self) -> None:
         """Left padding, a pad token (EOS if the model has none), and a generation config
@@ -231,6 +242,7 @@ class TransformersEngine(HFTokenizerMixin, Engine):
             if self.batch_size == 1:
                 raise GenerationError(f"out of memory at batch size 1: {oom}")
             self.batch_size //= 2
+            self.oom_cap = self.batch_size
 
     def _continuous(self, ids: list[list[int]], where: list[int], out: list) -> None:
         d = self.spec.decoding
@@ -239,6 +251,10 @@ class TransformersEngine(HFTokenizerMixin, Engine):
 
         def done(j: int, tokens: list[int], hit: bool) -> None:
             out[where[j]] = self._generation(tokens, hit)
+
+        if self.batch_from == "gpu memory":
+            shared = common_prefix(ids)
+            self.batch_size = self._gpu_batch_size(max(map(len, ids)) - shared, shared)
 
         ContinuousDecoder(self.model, pad_id=self.tokenizer.pad_token_id, eos_ids=self.eos_ids,
                           max_new_tokens=d.max_new_tokens, batch_size=self.batch_size,
