@@ -131,3 +131,34 @@ def test_prefill_chunks_bound_their_padded_tokens():
     assert all(len(c) * (len(prompts[c[0]]) - 98) <= PREFILL_TOKENS for c in chunks)
     assert len(chunks) >= 400 * 59 // PREFILL_TOKENS
     assert len(ContinuousDecoder._chunks(group[:64], prompts, 98)) == 1
+
+
+def test_gpu_memory_mode_sizes_each_call_and_keeps_an_out_of_memory_cap(tiny_llama_dir,
+                                                                        monkeypatch):
+    """The engine's GPU sizing run on the CPU (its CUDA queries aside): each call's rows in
+    flight follow from the memory budget, the call's longest own part and its shared prefix
+    counted once; an out-of-memory error halves them and caps every later call."""
+    from test_engines import fail_on_wide_batches, prompts_for
+
+    from capsfus.engines.continuous import SPARE, common_prefix
+    from capsfus.engines.gpu_memory import kv_bytes_per_token, rows_for_memory
+    eng = load_engine(EngineSpec("transformers", model=str(tiny_llama_dir),
+                                 decoding=Decoding(max_new_tokens=6)))
+    prompts = prompts_for(eng)
+    expected = eng.generate(prompts)
+    ids = eng.encode(prompts)
+    shared = common_prefix(ids)
+    own = max(map(len, ids)) - shared + 6 + SPARE
+    kv = kv_bytes_per_token(eng.model.config, 4)
+    eng.batch_from, eng.free_after_weights = "gpu memory", 10**9
+    want = rows_for_memory(10**9, kv, own, eng.model.config.vocab_size, shared_tokens=shared)
+    assert want == min(1024, (int(0.9 * 10**9) - kv * shared) //
+                       (int(1.1 * kv * own) + 12 * eng.model.config.vocab_size))
+    assert eng.generate(prompts) == expected and eng.batch_size == want
+    per_row = int(1.1 * kv * own) + 12 * eng.model.config.vocab_size
+    eng.free_after_weights = int((3.5 * per_row + kv * shared) / 0.9)     # room for 3 rows
+    assert eng.generate(prompts) == expected and eng.batch_size == 3
+    fail_on_wide_batches(eng, monkeypatch, RuntimeError("CUDA out of memory."), widest=2)
+    assert eng.generate(prompts) == expected and eng.batch_size == 1 == eng.oom_cap
+    eng.free_after_weights = 10**9                                 # more memory: still capped
+    assert eng.generate(prompts[:4]) == expected[:4] and eng.batch_size == 1

@@ -116,10 +116,16 @@ class TransformersEngine(HFTokenizerMixin, Engine):
         if self.adapter:
             model, self.merged = lora.attach(model, self.adapter)
         self.model = model.to(self.device).eval()
-        self.batch_size = spec.batch_size or DEFAULT_BATCH_SIZE
         self._setup_generation()
         self.setup_chat(spec.chat_template, spec.model)
         self.max_prompt_tokens = self._prompt_budget()
+        self._size_batch()
+
+    def _size_batch(self) -> None:
+        """The flag's batch size, else on a GPU rows from the memory free now (the weights
+        loaded), else the CPU default."""
+        spec = self.spec
+        self.batch_size = spec.batch_size or DEFAULT_BATCH_SIZE
         self.batch_from = "flag" if spec.batch_size else "default"
         self.oom_cap = None     # rows in flight an out-of-memory error left (GPU memory mode)
         if not spec.batch_size and self.device.type == "cuda":

@@ -190,23 +190,20 @@ def load_model(model: str, gguf_file: str | None, device: str, dtype: str,
 def preloaded_engine(model, tok, spec, fixed: int | None):
     """Our ``TransformersEngine`` around an already loaded model (all variants share one)."""
     from ..engines.base import Engine
-    from ..engines.transformers_engine import DEFAULT_BATCH_SIZE, TransformersEngine
+    from ..engines.transformers_engine import TransformersEngine
 
     class Preloaded(TransformersEngine):
         def __init__(self):
             Engine.__init__(self, spec)
             self.revision, self.model, self.tokenizer = "preloaded", model, tok
             self.device, self.dtype = model.device, model.dtype
-            self.batch_size = spec.batch_size or DEFAULT_BATCH_SIZE
             self._setup_generation()
             if fixed:                        # random weights: fixed output length
                 self.eos_ids = set()
                 self.generation_config.min_new_tokens = fixed
             self.setup_chat(spec.chat_template, spec.model)
             self.max_prompt_tokens = self._prompt_budget()
-            self.batch_from = "flag" if spec.batch_size else "default"
-            if not spec.batch_size and self.device.type == "cuda":   # as the engine does
-                self.batch_size, self.batch_from = self._gpu_batch_size(), "gpu memory"
+            self._size_batch()               # as the engine does
     return Preloaded()
 
 
