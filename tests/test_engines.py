@@ -124,12 +124,14 @@ def test_continuous_decoder_without_shared_prefix_and_past_its_spare_columns(eng
         assert got[i] == (ref[:end], end is None)
 
 
+@pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("batch_size", [8, 3])
 def test_rows_leaving_at_different_steps_compact_the_cache_in_place(eng, monkeypatch,
-                                                                     batch_size):
+                                                                     batch_size, batched):
     """Rows end at different steps (end tokens picked from their own greedy outputs): the
     survivors are compacted inside their buffers (``_compact``, no new buffer), alone or
-    between admissions, and every row still gets exactly the tokens of plain greedy decoding."""
+    between admissions, and every row still gets exactly the tokens of plain greedy decoding;
+    row by row (CPU) or in one gather of the moving rows (``batched_moves``, the GPU's way)."""
     from capsfus.engines import continuous as C
     prompts = [eng.encode([p])[0] for p in prompts_for(eng)]
     new = 20
@@ -149,17 +151,19 @@ def test_rows_leaving_at_different_steps_compact_the_cache_in_place(eng, monkeyp
     calls = {"compact": 0}
     real = C.ContinuousDecoder._compact
 
-    def counting(self, *a):
+    def counting(self, keep, running):
         calls["compact"] += 1
-        return real(self, *a)
+        calls["moves"] = calls.get("moves", 0) + sum(i != r for i, r in enumerate(keep))
+        return real(self, keep, running)
     monkeypatch.setattr(C.ContinuousDecoder, "_compact", counting)
     got = {}
-    C.ContinuousDecoder(eng.model, pad_id=eng.tokenizer.pad_token_id, eos_ids=eos,
-                        max_new_tokens=new, batch_size=batch_size,
-                        pick=lambda x: x.argmax(-1)).run(
-        prompts, lambda i, tokens, hit: got.__setitem__(i, (tokens, hit)))
+    decoder = C.ContinuousDecoder(eng.model, pad_id=eng.tokenizer.pad_token_id, eos_ids=eos,
+                                  max_new_tokens=new, batch_size=batch_size,
+                                  pick=lambda x: x.argmax(-1))
+    decoder.batched_moves = batched
+    decoder.run(prompts, lambda i, tokens, hit: got.__setitem__(i, (tokens, hit)))
     assert got == expected
-    assert calls["compact"] >= 1
+    assert calls["compact"] >= 1 and calls["moves"] >= 1      # some survivor really moved
 
 
 def test_beam_search_matches_plain_generate(tiny_llama_dir):

@@ -221,6 +221,7 @@ class ContinuousDecoder:
         self.batch_size = batch_size
         self.pick = pick
         self.device = model.device
+        self.batched_moves = self.device.type == "cuda"   # see _compact
 
     def run(self, prompts: list[list[int]], done: Done) -> None:
         with torch.inference_mode(), prefix_attention.active(self.model):
@@ -348,10 +349,19 @@ class ContinuousDecoder:
         # survivor i moves up from row keep[i] >= i: copied in increasing order, no source is
         # overwritten before it is read; only the rows that move, only their used columns
         moves = [(i, r) for i, r in enumerate(keep) if i != r]
+        if self.batched_moves and moves:
+            # on a GPU, hundreds of rows may move: one gather of the moving rows (a temporary
+            # of just those) per buffer instead of a copy kernel per row and layer
+            dst = torch.tensor([i for i, _ in moves], device=self.device)
+            src = torch.tensor([r for _, r in moves], device=self.device)
         for layer in cache.layers:
             k, v, width = layer._k, layer._v, layer._n
-            for i, r in moves:
-                k[i, :, cut:width].copy_(k[r, :, cut:width])
-                v[i, :, cut:width].copy_(v[r, :, cut:width])
+            if self.batched_moves and moves:
+                k[dst, :, cut:width] = k[src, :, cut:width]
+                v[dst, :, cut:width] = v[src, :, cut:width]
+            else:
+                for i, r in moves:
+                    k[i, :, cut:width].copy_(k[r, :, cut:width])
+                    v[i, :, cut:width].copy_(v[r, :, cut:width])
             layer._hold(k[:n, :, cut:], v[:n, :, cut:], width - cut)
         return cache, m[:, cut:], pos.index_select(0, idx), last.index_select(0, idx)
