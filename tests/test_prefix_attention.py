@@ -162,3 +162,46 @@ def test_gpu_memory_mode_sizes_each_call_and_keeps_an_out_of_memory_cap(tiny_lla
     assert eng.generate(prompts) == expected and eng.batch_size == 1 == eng.oom_cap
     eng.free_after_weights = 10**9                                 # more memory: still capped
     assert eng.generate(prompts[:4]) == expected[:4] and eng.batch_size == 1
+
+
+ARCHS = {"Qwen2": {}, "Mistral": {"sliding_window": None}, "Gemma": {"head_dim": 8},
+         "Phi3": {"pad_token_id": 0}, "Qwen3": {"head_dim": 8}, "Granite": {}, "Olmo2": {}}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_other_architectures_decode_as_generate(arch):
+    """Families that bring their own twists to attention (biases, q/k norms, GQA, head_dim,
+    Granite's attention multiplier as ``scaling``): tiny random models, greedy, the decoder's
+    tokens equal plain ``generate``'s."""
+    import transformers as T
+
+    from capsfus.engines.continuous import ContinuousDecoder, supported
+    torch.manual_seed(0)
+    cfg = getattr(T, f"{arch}Config")(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=256,
+                                      eos_token_id=None, **ARCHS[arch])
+    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    assert supported(model)
+    prompts = [list(range(5, 35)) + [100 + j] * (1 + j % 3) for j in range(5)]
+    got = {}
+    ContinuousDecoder(model, pad_id=0, eos_ids=set(), max_new_tokens=6, batch_size=2,
+                      pick=lambda x: x.argmax(-1)).run(
+        prompts, lambda i, tokens, hit: got.__setitem__(i, tokens))
+    for i, p in enumerate(prompts):
+        ids = torch.tensor([p])
+        assert got[i] == model.generate(ids, attention_mask=torch.ones_like(ids),
+                                        max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                        pad_token_id=0)[0, len(p):].tolist()
+
+
+def test_soft_capped_or_sliding_window_models_are_not_supported():
+    import transformers as T
+
+    from capsfus.engines.continuous import supported
+    tiny = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    assert not supported(T.AutoModelForCausalLM.from_config(T.Gemma2Config(**tiny)))
+    assert not PA.supported(T.AutoModelForCausalLM.from_config(
+        T.LlamaConfig(**tiny, attn_logit_softcapping=50.0)))
+    assert PA.supported(T.AutoModelForCausalLM.from_config(T.LlamaConfig(**tiny)))

@@ -41,6 +41,9 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     if shared_prefix is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
+    for name in ("softcap", "s_aux", "sinks", "sliding_window"):
+        if kwargs.get(name) is not None:    # ``supported`` keeps such models out
+            raise NotImplementedError(f"shared-prefix attention does not implement {name}")
     rows, heads, q, dim = query.shape
     kv_heads, width = key.shape[1], key.shape[2]
     group = heads // kv_heads
@@ -75,8 +78,11 @@ AttentionMaskInterface.register(NAME, sdpa_mask)
 
 def supported(model) -> bool:
     """Whether the model's attention layers look up their function in the attention interface
-    (LLaMA, Qwen2, Mistral, SmolLM2, … in ``transformers`` 5)."""
-    return bool(getattr(model, "_supports_attention_backend", False))
+    (LLaMA, Qwen2/3, Mistral, Gemma, Phi-3, OLMo-2, Granite, SmolLM2, … in ``transformers`` 5),
+    without logit soft-capping (which this function does not implement)."""
+    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
+    return (bool(getattr(model, "_supports_attention_backend", False))
+            and not getattr(cfg, "attn_logit_softcapping", None))
 
 
 @contextmanager
