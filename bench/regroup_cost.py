@@ -6,8 +6,10 @@ change and once after (``PYTHONPATH`` at each copy), in the same session:
     OMP_NUM_THREADS=2 PYTHONPATH=OLD python bench/regroup_cost.py --label old --prompts P
     OMP_NUM_THREADS=2 PYTHONPATH=NEW python bench/regroup_cost.py --label new --prompts P
 
-Prints one JSON line: regroup calls (and how many only dropped rows), seconds inside them, and
-variant c's wall time, CPU time, captions/s and generated tokens.
+Prints one JSON line: regroup calls (and how many only dropped rows), seconds inside them, the
+key/value memory held (after each regroup: the rows' buffers, their allocated columns, and the
+shared prefix's own copy), and variant c's wall time, CPU time, captions/s and generated
+tokens.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ def main() -> None:
     import capsfus.engines.continuous as C
     from capsfus.perf.bench import bench_fuse
     stats = {"calls": 0, "drop_only": 0, "s": 0.0}
+    memory = {"peak_buffer_bytes": 0, "rows_at_peak": 0, "columns_at_peak": 0,
+              "prefix_bytes": 0}
     real = C.ContinuousDecoder._regroup
+    real_prefix = C.SharedPrefix.__init__
 
     def timed(self, keep, running, new):
         t = time.perf_counter()
@@ -35,12 +40,26 @@ def main() -> None:
         stats["s"] += time.perf_counter() - t
         stats["calls"] += 1
         stats["drop_only"] += not new
+        if out[0] is not None:
+            layers = out[0].layers
+            held = sum(2 * x._k.numel() * x._k.element_size() for x in layers)
+            if held > memory["peak_buffer_bytes"]:
+                memory.update(peak_buffer_bytes=held, rows_at_peak=layers[0]._k.shape[0],
+                              columns_at_peak=layers[0]._k.shape[2])
         return out
+
+    def prefix(self, *a, **kw):
+        real_prefix(self, *a, **kw)
+        memory["prefix_bytes"] = sum(k.numel() * k.element_size() + v.numel() *
+                                     v.element_size() for k, v in self.kv)
+        memory["prefix_tokens"] = self.n
     C.ContinuousDecoder._regroup = timed
+    C.SharedPrefix.__init__ = prefix
     res = bench_fuse(prompts_file=args.prompts, rows=args.rows, rounds=args.rounds,
                      variants="c", log=lambda s: None)
     c = res["results"]["c"]
-    print(json.dumps({"label": args.label, "regroup": stats,
+    memory["buffer_bytes_per_row"] = memory["peak_buffer_bytes"] // max(1, memory["rows_at_peak"])
+    print(json.dumps({"label": args.label, "regroup": stats, "kv_memory": memory,
                       **{k: c[k] for k in ("wall_s", "cpu_s", "captions_per_s",
                                            "generated_tokens")},
                       "load_average": [res["load_average_start"][0],

@@ -205,3 +205,21 @@ def test_soft_capped_or_sliding_window_models_are_not_supported():
     assert not PA.supported(T.AutoModelForCausalLM.from_config(
         T.LlamaConfig(**tiny, attn_logit_softcapping=50.0)))
     assert PA.supported(T.AutoModelForCausalLM.from_config(T.LlamaConfig(**tiny)))
+
+
+def test_cascade_in_bfloat16_keeps_the_dtype_and_stays_close():
+    """A GPU runs it in bf16: scores and softmax in fp32, products in bf16, output bf16."""
+    torch.manual_seed(1)
+    q = torch.randn(4, 6, 1, 16)
+    k, v = torch.randn(4, 2, 5, 16), torch.randn(4, 2, 5, 16)
+    pk, pv = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    own = torch.ones(4, 5, dtype=torch.long)
+    own[0, :2] = 0
+    mask = PA.visible_mask(own, 1)
+    exact, _ = PA.shared_prefix_attention(Layer(), q.double(), k.double(), v.double(), mask,
+                                          shared_prefix=[None, (pk.double(), pv.double())])
+    half, _ = PA.shared_prefix_attention(Layer(), q.bfloat16(), k.bfloat16(), v.bfloat16(),
+                                         mask, shared_prefix=[None, (pk.bfloat16(),
+                                                                     pv.bfloat16())])
+    assert half.dtype == torch.bfloat16
+    assert (half.double() - exact).abs().max() < 0.05
