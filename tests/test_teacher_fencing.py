@@ -140,6 +140,7 @@ def blip(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow     # a (tiny, random) BLIP captions the rows, twice
 def test_caption_redone_between_the_teachers_read_and_write_leaves_the_shard_stale(
         tmp_path, server, blip):
     """The teacher reads caption shard 0 and is frozen (``teacher_after_read``); meanwhile the
