@@ -36,7 +36,9 @@ out/rejected files go through the shard lease's token (``write_state_fenced``,
 ``write_rows_fenced``), config.json, sample.json and usage.json through the run lease's token,
 and a shard's journal is replaced through the token by each new holder before it appends, so
 the old holder's open journal file is detached (``Lease.replace_open``). It also checks both
-leases before each attempt it sends, so a taken-over process pays for nothing more. A shard
+leases before each attempt, so a taken-over process starts no new request (the attempts that
+had passed the check when it froze, at most ``--concurrency``, still go out; their answers
+land nowhere). A shard
 records the checksum of the upstream output it actually read (``input_sha256``, taken before
 the read and checked by it), never the one present when it writes.
 
