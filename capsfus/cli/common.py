@@ -525,17 +525,21 @@ def submit_and_report(console, prep, es, manifest, dry_run, max_array_size, sele
 
 def plan_and_submit(console, run, manifest, job, selected, es, *, dry_run, max_array_size,
                     force=False, job_alive=None, covered=None, selection=None,
-                    retry_rejected=False):
+                    retry_rejected=False, retry_id=None):
     """What `submit` and `resume` share, dry or not: the same settings check (a dry run
     refuses exactly as the real command would, and writes nothing), the same shards to do
     (done ones, those held by a live worker and those a queued job will take are left out),
-    then submit or print the plan."""
+    then submit or print the plan. ``retry_id``: continue that ``--retry-rejected``
+    invocation (resume) instead of starting a new one."""
     import contextlib
+    from dataclasses import replace
 
     from ..executors.local import prepare
     from ..models import cache_only
     with cache_only() if dry_run else contextlib.nullcontext():
         prep = prepare(job, selected, force=force, dry_run=dry_run, retry_rejected=retry_rejected)
+    if retry_id and prep.retry_reasons:
+        prep = replace(prep, retry_id=retry_id)
     skipped: dict = {}
     prep = only_todo(run, prep, job_alive=job_alive, covered=covered, skipped=skipped)
     return submit_and_report(console, prep, es, manifest, dry_run, max_array_size,

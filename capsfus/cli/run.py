@@ -153,9 +153,10 @@ def submit_fuse(run_dir, shards, chunk_size, tag, force, max_attempts, lease_ttl
 def resume(run_dir, stage_opt, dry_run, max_array_size, **kw):
     """Relaunch SLURM workers for what is failed, interrupted, pending or stale in a stage.
 
-    Replays the last submission's settings; executor flags given here override them
-    (output-shaping settings cannot change: use `capsfus submit fuse --force` for that).
-    Shards held by a live worker are left alone; no more workers than shards to do.
+    Replays the last submission's settings, --retry-rejected included; executor flags given
+    here override them (output-shaping settings cannot change: use `capsfus submit fuse
+    --force` for that). Shards held by a live worker are left alone; no more workers than
+    shards to do.
     """
     from dataclasses import replace
 
@@ -189,9 +190,17 @@ def resume(run_dir, stage_opt, dry_run, max_array_size, **kw):
     # only what was asked (the recorded selections), less what queued jobs will still take
     selection = recorded_selection(recs, len(manifest["shards"]))
     covered = queued_coverage(recs, quiet=dry_run)
+    # an interrupted `submit … --retry-rejected` is continued as the same invocation: rows
+    # it has not retried yet get their try, those it already retried do not get a second
+    retry = last.get("retry_rejected") or {}
+    if retry:
+        console.print(f"resuming the --retry-rejected submission of {last.get('time', '?')}: "
+                      f"rows rejected for {', '.join(retry.get('reasons') or [])} that it has "
+                      f"not retried yet get another try")
     rec = plan_and_submit(console, run, manifest, job, selection, es, dry_run=dry_run,
                           max_array_size=max_array_size, job_alive=JobLiveness(),
-                          covered=covered)
+                          covered=covered, retry_rejected=bool(retry),
+                          retry_id=retry.get("retry_id"))
     if rec is None:
         console.print(f"nothing to resume in {stage_opt} (`capsfus status {run_dir}`)")
 

@@ -73,10 +73,14 @@ def _preset(ctx, param, value):
 @click.option("--force", is_flag=True,
               help="Accept changed settings (answers to identical requests are reused from the "
                    "journal, not paid twice).")
+@click.option("--lease-ttl", default=300.0, show_default=True,
+              help="Seconds without a heartbeat after which a teacher process counts as gone "
+                   "(frozen, hung mount) and the next `capsfus teacher` takes its run over; "
+                   "the old one is fenced off and can write nothing when it wakes.")
 def teacher_cmd(run_dir, endpoint, model, api, sample, seed, concurrency, rpm, tpm, max_cost,
                 prices, price_in, price_out, api_key_env, timeout, max_retries, backoff_base,
                 max_tokens, temperature, top_p, max_prompt_tokens, prompt_file,
-                max_consecutive_failures, retry_rejected, tag, force):
+                max_consecutive_failures, retry_rejected, tag, force, lease_ttl):
     """Fuse a seeded sample of RUN_DIR with a teacher LLM behind an OpenAI-compatible API (the
     paper used ChatGPT), writing the `teacher` stage: RUN_DIR/teacher/out has the sampled rows
     with `fused`, RUN_DIR/teacher/rejected the others with a reason.
@@ -106,7 +110,7 @@ def teacher_cmd(run_dir, endpoint, model, api, sample, seed, concurrency, rpm, t
         if v is not None and v < lo:
             raise UserError(f"{name} must be at least {lo}")
     for name, v in (("--rpm", rpm), ("--tpm", tpm), ("--timeout", timeout),
-                    ("--backoff-base", backoff_base),
+                    ("--backoff-base", backoff_base), ("--lease-ttl", lease_ttl),
                     ("--max-cost", max_cost)):
         if v is not None and not v > 0:
             raise UserError(f"{name} must be positive")
@@ -122,7 +126,7 @@ def teacher_cmd(run_dir, endpoint, model, api, sample, seed, concurrency, rpm, t
         max_retries=max_retries, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
         max_prompt_tokens=max_prompt_tokens, max_cost=max_cost,
         max_consecutive_failures=max_consecutive_failures, retry_rejected=retry_rejected,
-        force=force, template=template, backoff_base=backoff_base,
+        force=force, template=template, backoff_base=backoff_base, lease_ttl=lease_ttl,
         stage=stage_name("teacher", tag))
     console = make_console()
     setup_console_logging(console)
@@ -190,6 +194,8 @@ def _summary(console, opts, u: dict, fatal: str | None) -> None:
                       f"Rerun the same command with a larger --max-cost to continue (answers "
                       f"already received are not paid for again).")
         sys.exit(EXIT_BUDGET)
+    if u["stopped"] == "fenced":
+        raise UserError(f"{fatal}; see `capsfus status {opts.run_dir}`")
     if fatal:
         raise UserError(f"{fatal}. Nothing more was sent; {r['done']:,}/{r['sampled']:,} rows "
                         f"are done and kept: rerun the same command to continue"

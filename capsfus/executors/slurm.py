@@ -252,6 +252,10 @@ def submit(prep: Prepared, es: ExecutorSettings, run_id: str, *, dry_run: bool =
         "selection": shard_spec(selection), "todo": shard_spec(prep.shards),
         "shards": len(prep.shards), "workers": workers, "max_array_size": max_array_size,
         "arrays": [], "planned_arrays": sizes, "complete": False, "dry_run": dry_run,
+        # --retry-rejected, replayed by `resume` (same retry id: the same invocation, so a
+        # row already retried by this submission is not retried twice)
+        "retry_rejected": {"reasons": sorted(prep.retry_reasons), "retry_id": prep.retry_id}
+        if prep.retry_reasons else None,
     }
     if note:
         record["note"] = note

@@ -6,8 +6,10 @@
   point, as by a debugger, a swapping node or a hung NFS mount); SIGCONT wakes it.
 
 Points: ``after_chunk_file``, ``after_state``, ``mid_compaction``, ``after_compaction``
-(runner), ``fenced_write`` (between a lease holder's fencing check and its write),
-``before_rename`` (an atomic write's temp file is complete, not yet renamed into place).
+(runner), ``fenced_write`` (between a lease holder's fencing check and its state write, the
+teacher's too), ``before_rename`` (an atomic write's temp file is complete, not yet renamed
+into place); teacher: ``teacher_after_read`` (a shard's rows read, nothing written),
+``teacher_after_send_record``, ``teacher_after_result``, ``teacher_mid_materialize``.
 """
 
 from __future__ import annotations

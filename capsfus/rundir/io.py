@@ -115,6 +115,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes,
     _fsync_dir(path.parent)
 
 
+def atomic_replace_open(path: str | os.PathLike, data: bytes,
+                        tmp_dir: str | os.PathLike | None = None):
+    """``atomic_write_bytes``, then the new file stays open for appending (binary). The
+    returned file is bound to the inode now named ``path``: once anyone replaces ``path``
+    again, what is appended through it lands in an unlinked file, never at ``path``."""
+    path = Path(path)
+    if tmp_dir is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = mkstemp_shared(path, tmp_dir)
+    f = os.fdopen(fd, "ab")
+    try:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        crashpoint("before_rename")
+        os.replace(tmp, path)
+    except BaseException:
+        f.close()
+        _unlink_quietly(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return f
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any,
                       tmp_dir: str | os.PathLike | None = None) -> None:
     text = json.dumps(obj, ensure_ascii=False, indent=1, sort_keys=False, default=_json_default)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .io import atomic_write_json
+from .io import atomic_replace_open, atomic_write_json
 
 LEASE_RE = re.compile(r"^(\d{5,})\.e(\d{6,})\.json$")
 TOKEN_RE = re.compile(r"^(\d{5,})\.e(\d{6,})\.w$")
@@ -320,6 +320,15 @@ class Lease:
         """Atomic write of ``path`` that cannot land once this lease is taken over."""
         with self.writing() as token:
             atomic_write_json(path, obj, tmp_dir=token)
+
+    def replace_open(self, path: Path, data: bytes):
+        """Replaces ``path`` with ``data`` through the token, atomically, and returns it open
+        for appending: an append-only file (the teacher's request journal) whose *inode* is
+        this holder's right to append. The next holder replaces the file the same way before
+        it appends, which detaches this holder's file: whatever a fenced-off holder appends
+        afterwards lands in an unlinked inode, never in the run directory."""
+        with self.writing() as token:
+            return atomic_replace_open(path, data, tmp_dir=token)
 
     def remove(self, path: Path) -> None:
         """Deletes ``path`` as this holder: renamed into the token, then unlinked, so a holder

@@ -44,7 +44,7 @@ class Processor(Protocol):
 
 
 __all__ = ["EngineFailing", "Fenced", "Processor", "ShardResult", "StageContext", "run_shard",
-           "wants_retry"]
+           "wants_retry", "write_rows_fenced", "write_state_fenced"]
 
 
 class EngineFailing(Exception):
@@ -128,14 +128,19 @@ def run_shard(ctx: StageContext, shard: int) -> ShardResult:
         lease.release()
 
 
-def _write_state(ctx: StageContext, lease: Lease, shard: int, state: dict) -> None:
+def write_state_fenced(stage: StageDir, lease: Lease, shard: int, state: dict) -> None:
     """The fencing check, then the write through the lease's token: a holder frozen between
-    the two (``fenced_write``) and taken over meanwhile writes nothing when it wakes."""
+    the two (``fenced_write``) and taken over meanwhile writes nothing when it wakes. Every
+    shard state of every stage is written through here (the teacher too)."""
     if not lease.still_mine():
         raise Fenced(f"shard {shard}: lease epoch {lease.epoch} was taken over")
     crashpoint("fenced_write")
     with lease.writing() as token:
-        ctx.stage.write_state(shard, state, tmp_dir=token)
+        stage.write_state(shard, state, tmp_dir=token)
+
+
+def _write_state(ctx: StageContext, lease: Lease, shard: int, state: dict) -> None:
+    write_state_fenced(ctx.stage, lease, shard, state)
 
 
 def wants_retry(state: dict | None, reasons: frozenset, retry_id: str | None) -> bool:
@@ -324,8 +329,8 @@ def _commit_chunk(ctx: StageContext, lease: Lease, shard: int, state: dict, star
     name = f"c{start:09d}-{end:09d}.e{lease.epoch:06d}.jsonl.zst"
     if not lease.still_mine():      # cheap early exit; the token is what makes it safe
         raise Fenced(f"shard {shard}: lease epoch {lease.epoch} was taken over")
-    out_meta = _write_rows(lease, stage.out_dir(shard) / name, out_rows)
-    rej_meta = _write_rows(lease, stage.rejected_dir(shard) / name, rej_rows) if rej_rows \
+    out_meta = write_rows_fenced(lease, stage.out_dir(shard) / name, out_rows)
+    rej_meta = write_rows_fenced(lease, stage.rejected_dir(shard) / name, rej_rows) if rej_rows \
         else None
     crashpoint("after_chunk_file")
     reasons = Counter(r.get("reason", "unknown") for r in rej_rows)
@@ -343,7 +348,9 @@ def _commit_chunk(ctx: StageContext, lease: Lease, shard: int, state: dict, star
     crashpoint("after_state")
 
 
-def _write_rows(lease: Lease, path, rows: list[dict]) -> dict:
+def write_rows_fenced(lease: Lease, path, rows) -> dict:
+    """An output file of rows (atomic, checksummed: its meta for the state) written through
+    the lease's token: it cannot land once the lease is taken over."""
     with lease.writing() as token:
         w = JsonlZstWriter(path, tmp_dir=token)
         try:

@@ -64,10 +64,11 @@ class StageDir:
         c = self.config()
         return c["settings_hash"] if c else None
 
-    def ensure_config(self, run_id: str, input_stage: str, settings: dict, force: bool) -> str:
+    def ensure_config(self, run_id: str, input_stage: str, settings: dict, force: bool,
+                      tmp_dir: Path | None = None) -> str:
         """Writes the config, or checks the existing one. Output-shaping settings are fixed per
         stage: a change needs ``force`` (then chunks made with the old settings are redone).
-        Returns the settings hash."""
+        Returns the settings hash. ``tmp_dir``: a lease token the write must go through."""
         h = settings_hash(settings)
         old = self.config()
         if old is not None:
@@ -89,7 +90,7 @@ class StageDir:
         atomic_write_json(self.config_path, {
             "stage": self.name, "run_id": run_id, "input_stage": input_stage,
             "settings": settings, "settings_hash": h, "schema_version": SCHEMA_VERSION,
-            "updated": time.time()})
+            "updated": time.time()}, tmp_dir=tmp_dir)
         return h
 
     # --- state ---------------------------------------------------------------------------

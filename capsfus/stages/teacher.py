@@ -9,7 +9,8 @@ RUN/teacher/journal/00000.jsonl  shard 0's request journal, appended and fsynced
 RUN/teacher/state/00000.json     as every stage: status, rows, final files with checksums
 RUN/teacher/out/00000/…          shard.e<epoch>.jsonl.zst: sampled rows + ``fused``
 RUN/teacher/rejected/00000/…     sampled rows refused, each with ``reason`` and ``detail``
-RUN/teacher/leases/, usage.json  leases (so `capsfus status` shows it running); tokens, cost
+RUN/teacher/leases/, usage.json  shard leases (so `capsfus status` shows it running); tokens, cost
+RUN/teacher/run-lease/           the lease of the one teacher process (``--lease-ttl``)
 ```
 
 Why one async process and not ``runner.run_shard`` workers: the work is waiting on HTTP, not
@@ -27,6 +28,20 @@ atomically, listed with checksums in its state, as in every stage. Since the jou
 request, ``--force`` (new settings) or a larger ``--sample`` reuses every answer already paid
 for; the sample is nested (a larger N keeps the rows of a smaller one).
 
+Fencing, as every stage (rundir/lease.py): the process holds a *run lease* (one teacher at a
+time: budget and rate limits stay exact) and a lease per open shard, heartbeated. A process
+frozen past ``--lease-ttl`` (SIGSTOP, a hung mount) is taken over by the next ``capsfus
+teacher``, which revokes its write tokens first; woken, it can land nothing: shard states and
+out/rejected files go through the shard lease's token (``write_state_fenced``,
+``write_rows_fenced``), config.json, sample.json and usage.json through the run lease's token,
+and a shard's journal is replaced through the token by each new holder before it appends, so
+the old holder's open journal file is detached (``Lease.replace_open``). It also checks both
+leases before each attempt, so a taken-over process starts no new request (the attempts that
+had passed the check when it froze, at most ``--concurrency``, still go out; their answers
+land nowhere). A shard
+records the checksum of the upstream output it actually read (``input_sha256``, taken before
+the read and checked by it), never the one present when it writes.
+
 Sample: the N rows with the smallest ``blake2b(seed, id)``: the same rows whatever the shard
 layout or order, for the same seed.
 
@@ -39,9 +54,6 @@ next one would pass the budget.
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import hashlib
-import json
 import logging
 import os
 import time
@@ -58,111 +70,25 @@ from ..engines.openai_client import (
 )
 from ..engines.prices import Price
 from ..errors import UserError
-from ..prompt import PromptBuilder, PromptTemplate, approx_tokens, approx_truncate
 from ..rundir.faults import crashpoint
-from ..rundir.io import JsonlZstWriter, atomic_write_json
-from ..rundir.lease import LeaseDir
+from ..rundir.fresh import upstream_sha
+from ..rundir.lease import Fenced, Lease, LeaseDir
 from ..rundir.manifest import Run
 from ..rundir.rows import FUSED, RAW, SYNTHETIC
-from ..rundir.fresh import upstream_sha
+from ..rundir.runner import write_rows_fenced, write_state_fenced
 from ..rundir.stage import StageDir, input_rows
-from .fuse import FUSE_REJECT_REASONS
 from .teacher_journal import Journal, Ledger
+from .teacher_options import (  # noqa: F401  (re-exported: the stage's API)
+    TEACHER_REJECT_REASONS,
+    TeacherOptions,
+    input_stage_of,
+    make_builder,
+    request_body,
+    request_hash,
+)
 from .teacher_sample import select_sample
 
 log = logging.getLogger("capsfus.teacher")
-
-TEACHER_REJECT_REASONS = {
-    "no_synthetic": FUSE_REJECT_REASONS["no_synthetic"],        # the same rule as fusion
-    "prompt_over_budget": "the prompt does not fit --max-prompt-tokens even with the raw "
-                          "caption cut",
-    "bad_request": "the endpoint refused the request (4xx)",
-    "content_filter": "the endpoint's content filter withheld the answer",
-    "empty_answer": "the endpoint answered with empty text",
-    **{r: f"{r.replace('_', ' ')} on every attempt (--max-retries)" for r in TRANSIENT_REASONS},
-}
-
-
-# --- settings --------------------------------------------------------------------------------
-@dataclass
-class TeacherOptions:
-    run_dir: str
-    endpoint: str
-    model: str
-    api: str = "chat"
-    sample: int | None = None
-    seed: int = 0
-    concurrency: int = 8
-    rpm: float | None = None
-    tpm: float | None = None
-    timeout: float = 60.0
-    max_retries: int = 6
-    max_tokens: int = 128
-    temperature: float | None = None
-    top_p: float | None = None
-    max_prompt_tokens: int = 512
-    max_cost: float | None = None
-    max_consecutive_failures: int = 50
-    retry_rejected: bool = False
-    force: bool = False
-    backoff_base: float = 1.0
-    stage: str = "teacher"          # or teacher@TAG
-    template: PromptTemplate = field(default_factory=PromptTemplate)
-
-    def settings(self) -> dict:
-        """Output-shaping settings (hashed; a change needs --force). The endpoint is where the
-        model runs, like an executor setting: recorded in usage.json, not hashed."""
-        return {"engine": "openai", "model": self.model, "api": self.api,
-                "max_tokens": self.max_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "max_prompt_tokens": self.max_prompt_tokens,
-                "prompt_sha256": self.template.sha256, "prompt_source": self.template.source,
-                "sample": self.sample, "seed": self.seed}
-
-    def decoding(self) -> dict:
-        return {k: v for k, v in (("temperature", self.temperature), ("top_p", self.top_p))
-                if v is not None}
-
-
-def input_stage_of(run: Run) -> str:
-    """As fusion: the caption stage when the run has one, else the input."""
-    from .caption import caption_input
-    return caption_input(run)
-
-
-
-
-
-
-def make_builder(opts: TeacherOptions) -> PromptBuilder:
-    chat = (lambda user: user) if opts.api == "chat" else None  # chat: no "New Sentence:" cue
-    return PromptBuilder(opts.template, approx_tokens, approx_truncate, approx_tokens,
-                         opts.max_prompt_tokens, chat=chat)
-
-
-def request_body(opts: TeacherOptions, prompt: str) -> dict:
-    body = {"model": opts.model, "max_tokens": opts.max_tokens, **opts.decoding()}
-    if opts.api == "chat":
-        body["messages"] = [{"role": "user", "content": prompt}]
-    else:
-        body["prompt"] = prompt
-    return body
-
-
-def request_hash(body: dict) -> str:
-    blob = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -185,7 +111,8 @@ class ShardWork:
     rows: dict[int, dict] = field(default_factory=dict)
     finals: dict[int, dict] = field(default_factory=dict)   # idx -> out/rejected row
     todo: list[Item] = field(default_factory=list)
-    lease: object = None
+    lease: Lease | None = None
+    input_sha: str | None = None    # the upstream output its rows were read from
     attempts: int = 1
     done: bool = False      # materialized: its rows are dropped from memory
 
@@ -209,6 +136,7 @@ class Teacher:
         self.inflight_reserved = 0.0
         self.stop_reason: str | None = None
         self.fatal: str | None = None
+        self.run_lease: Lease | None = None
         self.consecutive_failures = 0
         self.rows_total = self.rows_done = 0
         self.reasons: Counter = Counter()
@@ -219,14 +147,33 @@ class Teacher:
 
     # --- setup -----------------------------------------------------------------------------
     def _lock(self) -> None:
+        """The run lease: one teacher process per stage. A dead holder's is taken at once, a
+        frozen one's after --lease-ttl (and that holder is fenced off)."""
         self.stage.root.mkdir(parents=True, exist_ok=True)
-        self._lock_f = open(self.stage.root / "lock", "a+")
-        try:
-            fcntl.flock(self._lock_f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        lease = LeaseDir(self.stage.root / "run-lease", ttl=self.o.lease_ttl).acquire(
+            0, extra={"worker": "teacher"})
+        if lease is None:
             raise UserError(f"another `capsfus teacher` is running on {self.run.root} (see "
-                            f"`capsfus status {self.run.root}`); wait for it or stop it") \
-                from None
+                            f"`capsfus status {self.run.root}`); wait for it or stop it")
+        lease.start_heartbeat(self.o.heartbeat)
+        self.run_lease = lease
+
+    def _fenced(self, e: Fenced) -> None:
+        """A later teacher took over this one's run or a shard: stop, write nothing more."""
+        if self.stop_reason != "fenced":
+            log.warning("%s", e)
+            self.fatal = (f"{e}: another `capsfus teacher` took this run over (this process "
+                          f"was frozen or stalled past --lease-ttl); this one stopped and "
+                          f"wrote nothing more")
+        self.stop_reason = "fenced"
+
+    def _still_mine(self, w: "ShardWork") -> bool:
+        for lease in (self.run_lease, w.lease):
+            if not lease.still_mine():
+                self._fenced(Fenced(f"shard {w.shard}: lease epoch {lease.epoch} was taken "
+                                    f"over"))
+                return False
+        return True
 
     def prepare(self) -> None:
         o = self.o
@@ -243,13 +190,14 @@ class Teacher:
             if self.input_stage != "input" else None
         if stale:
             raise UserError(stale)
-        self.settings_hash = self.stage.ensure_config(self.manifest["run_id"], self.input_stage,
-                                                      o.settings(), o.force)
-        self.sample = select_sample(self.run, self.manifest, self.input_stage, o.sample, o.seed,
-                                    self.stage.root / "sample.json")
+        with self.run_lease.writing() as token:
+            self.settings_hash = self.stage.ensure_config(
+                self.manifest["run_id"], self.input_stage, o.settings(), o.force, tmp_dir=token)
+            self.sample = select_sample(self.run, self.manifest, self.input_stage, o.sample,
+                                        o.seed, self.stage.root / "sample.json", tmp_dir=token)
         self.rows_total = sum(len(v) for v in self.sample.values())
         self._load_ledger()
-        self.leases = LeaseDir(self.stage.root / "leases")
+        self.leases = LeaseDir(self.stage.root / "leases", ttl=o.lease_ttl)
         self.todo_shards = []
         for shard, idx in self.sample.items():
             st = self.stage.read_state(shard) or {}
@@ -264,13 +212,13 @@ class Teacher:
             if st.get("settings_hash") != self.settings_hash or st.get("rows_total") != len(idx):
                 # a state for the shard's sample, so `status` counts sampled rows from the start
                 # (written under a short lease, as every state; status shows it pending)
-                lease = self.leases.acquire(shard, extra={"worker": "teacher"})
-                if lease is None:
-                    raise UserError(f"shard {shard} of {self.stage.name} is leased by a live "
-                                    f"process: another teacher run?")
-                self._write_state(shard, lease.epoch, "running", len(idx), {}, None,
-                                  st.get("attempts", 0))
-                lease.release()
+                lease = self._acquire(shard)
+                try:
+                    self._write_state(shard, lease, "running", len(idx), {}, None,
+                                      st.get("attempts", 0), upstream_sha(
+                                          self.run, self.manifest, self.input_stage, shard))
+                finally:
+                    lease.release()
 
     def _load_ledger(self) -> None:
         """Totals over every journal record ever written for this stage."""
@@ -297,26 +245,53 @@ class Teacher:
                     L.cost_uncertain += lost * reserve[key]
 
     # --- per shard -------------------------------------------------------------------------
+    def _acquire(self, shard: int) -> Lease:
+        """The shard's lease, waiting up to --lease-ttl for a holder that stopped heartbeating
+        to become stale (its heartbeat thread may have stopped a moment after the run lease's)."""
+        deadline = time.time() + self.o.lease_ttl
+        while True:
+            lease = self.leases.acquire(shard, extra={"worker": "teacher"})
+            if lease is not None:
+                return lease
+            if time.time() >= deadline:
+                raise UserError(f"shard {shard} of {self.stage.name} is leased by a live "
+                                f"process: another teacher run? (`capsfus status "
+                                f"{self.run.root}`)")
+            time.sleep(min(1.0, self.o.lease_ttl / 10))
+
     def _open_shard(self, shard: int) -> ShardWork:
+        lease = self._acquire(shard)
+        lease.start_heartbeat(self.o.heartbeat)
+        try:
+            return self._open_leased(shard, lease)
+        except BaseException:
+            lease.release()
+            raise
+
+    def _open_leased(self, shard: int, lease: Lease) -> ShardWork:
         """Reads the shard's sampled rows, builds their prompts, and sorts them into final
         (prompt rejects, answers already in the journal) and to-do."""
         o = self.o
-        lease = self.leases.acquire(shard, extra={"worker": "teacher"})
-        if lease is None:
-            raise UserError(f"shard {shard} of teacher is leased by a live process: another "
-                            f"teacher run? (`capsfus status {self.run.root}`)")
-        lease.start_heartbeat(30.0)
         w = ShardWork(shard, self.sample[shard], lease=lease,
                       attempts=(self.stage.read_state(shard) or {}).get("attempts", 0) + 1)
+        # what the rows are read from, taken before the read and checked by it: a shard records
+        # the upstream output it read, not whatever is there when it writes (fresh.py)
+        w.input_sha = upstream_sha(self.run, self.manifest, self.input_stage, shard)
         wanted = set(w.sampled)
         if wanted:   # a shard the sample missed is not read
-            rows = input_rows(self.run, self.manifest, self.input_stage, shard)
+            rows = input_rows(self.run, self.manifest, self.input_stage, shard,
+                              expect_sha=w.input_sha)
             for idx, row in enumerate(rows):
                 if idx in wanted:
                     w.rows[idx] = row
+        crashpoint("teacher_after_read")
         if len(w.rows) != len(wanted):
             raise UserError(f"shard {shard} of {self.input_stage} has fewer rows than sampled: "
                             f"the input changed; rerun with --force")
+        # this holder's journal: the file is replaced through the lease's token and kept open,
+        # which detaches any earlier holder's (a frozen one's appends land nowhere)
+        self.journal.bind(shard, lease.replace_open(self.journal.path(shard),
+                                                    self.journal.content(shard)))
         last: dict[tuple, dict] = {}
         for r in self.journal.read(shard):
             if r.get("k") in ("ok", "rej"):
@@ -360,15 +335,16 @@ class Teacher:
                                 "attempts": rec.get("attempts")}}
         return {**row, "reason": rec["reason"], "detail": rec.get("detail", "")}
 
-    def _write_state(self, shard: int, epoch: int, status: str, total: int, finals: dict,
-                     final: dict | None, attempts: int) -> None:
-        """A state file in the shape every stage writes (manifests/state.schema.json)."""
+    def _write_state(self, shard: int, lease: Lease, status: str, total: int, finals: dict,
+                     final: dict | None, attempts: int, input_sha: str | None) -> None:
+        """A state file in the shape every stage writes (manifests/state.schema.json), through
+        the lease's token after the fencing check, as every stage writes it."""
         rej = [r for r in finals.values() if "reason" in r]
         wall = round(time.time() - self.t0, 3)
-        self.stage.write_state(shard, {
-            "shard": shard, "stage": self.stage.name, "status": status, "epoch": epoch,
+        write_state_fenced(self.stage, lease, shard, {
+            "shard": shard, "stage": self.stage.name, "status": status, "epoch": lease.epoch,
             "settings_hash": self.settings_hash, "rows_total": total,
-            "input_sha256": upstream_sha(self.run, self.manifest, self.input_stage, shard),
+            "input_sha256": input_sha,
             "rows_done": len(finals), "rows_out": len(finals) - len(rej),
             "rows_rejected": len(rej), "reasons": dict(Counter(r["reason"] for r in rej)),
             "chunks": [], "final": final, "attempts": max(1, attempts),
@@ -377,16 +353,16 @@ class Teacher:
             **({"n_chunks": 0, "finished": time.time()} if status == "done" else {})})
 
     def _write_running(self, w: ShardWork) -> None:
-        self._write_state(w.shard, w.lease.epoch, "running", len(w.sampled), w.finals, None,
-                          w.attempts)
+        self._write_state(w.shard, w.lease, "running", len(w.sampled), w.finals, None,
+                          w.attempts, w.input_sha)
 
     def _materialize(self, w: ShardWork) -> None:
         """All sampled rows of the shard are final: write its out/rejected files (atomic,
         checksummed), list them in the state, drop everything else in its folders."""
-        stage, shard, epoch = self.stage, w.shard, w.lease.epoch
-        if not w.lease.still_mine():
-            raise RuntimeError(f"shard {shard}: lease epoch {epoch} was taken over")
-        name = f"shard.e{epoch:06d}.jsonl.zst"
+        stage, shard, lease = self.stage, w.shard, w.lease
+        if not lease.still_mine():      # cheap early exit; the token is what makes it safe
+            raise Fenced(f"shard {shard}: lease epoch {lease.epoch} was taken over")
+        name = f"shard.e{lease.epoch:06d}.jsonl.zst"
         rows = [w.finals[i] for i in w.sampled]
         out = [r for r in rows if "reason" not in r]
         rej = [r for r in rows if "reason" in r]
@@ -396,25 +372,20 @@ class Teacher:
             if key == "rejected" and not part:
                 final[key] = None
                 continue
-            wr = JsonlZstWriter(folder / name)
-            try:
-                wr.write_many(part)
-                final[key] = wr.commit()
-            except BaseException:
-                wr.abort()
-                raise
+            final[key] = write_rows_fenced(lease, folder / name, part)
         crashpoint("teacher_mid_materialize")
-        self._write_state(shard, epoch, "done", len(rows), w.finals, final, w.attempts)
-        stage.remove_untrusted(shard, stage.final_files(stage.read_state(shard)))
-        w.lease.release()
+        self._write_state(shard, lease, "done", len(rows), w.finals, final, w.attempts,
+                          w.input_sha)
+        stage.remove_untrusted(shard, stage.final_files({"final": final}), unlink=lease.remove)
+        lease.release()
         w.done = True
         w.rows.clear()
         w.finals.clear()
         w.todo.clear()
 
     # --- requests --------------------------------------------------------------------------
-    async def _before(self, item: Item, attempt: int) -> bool:
-        if self.stop_reason:
+    async def _before(self, item: Item, w: ShardWork, attempt: int) -> bool:
+        if self.stop_reason or not self._still_mine(w):
             return False
         if self.o.max_cost is not None:
             need = self.ledger.cost_upper + self.inflight_reserved + item.reserve
@@ -442,7 +413,7 @@ class Teacher:
 
     async def _do(self, item: Item, w: ShardWork) -> None:
         reply = await self.client.complete(item.payload, max_tokens=self.o.max_tokens,
-                                           before_attempt=lambda a: self._before(item, a))
+                                           before_attempt=lambda a: self._before(item, w, a))
         cost = self.price.cost(reply.usage) if reply.usage else (0.0 if self.price.known
                                                                   else None)
         base = {"i": item.idx, "id": item.row_id, "req": item.req, "usage": reply.usage,
@@ -498,11 +469,15 @@ class Teacher:
                 for shard in self.todo_shards:
                     if self.stop_reason:
                         break
-                    w = await asyncio.to_thread(self._open_shard, shard)
-                    open_shards.append(w)
-                    if w.pending == 0:
-                        await asyncio.to_thread(self._materialize, w)
-                        continue
+                    try:
+                        w = await asyncio.to_thread(self._open_shard, shard)
+                        open_shards.append(w)
+                        if w.pending == 0:
+                            await asyncio.to_thread(self._materialize, w)
+                            continue
+                    except Fenced as e:
+                        self._fenced(e)
+                        break
                     for item in w.todo:
                         if self.stop_reason:
                             break
@@ -517,6 +492,8 @@ class Teacher:
                     continue
                 try:
                     await self._do(*got)
+                except Fenced as e:
+                    self._fenced(e)
                 except EndpointFatal as e:
                     self.fatal = str(e)
                     self.stop_reason = "fatal"
@@ -537,17 +514,25 @@ class Teacher:
             await self.client.aclose()
             for w in open_shards:
                 if w.pending:
-                    self._write_running(w)
-                    w.lease.release()
+                    if self.stop_reason != "fenced":
+                        try:
+                            self._write_running(w)
+                        except Fenced as e:
+                            self._fenced(e)
+                    w.lease.release()   # writes only while the lease is still this one's
             self._report(open_shards, final=True)
 
     def _report(self, open_shards, final: bool = False) -> None:
         u = self.usage()
-        atomic_write_json(self.stage.root / "usage.json", u)
-        if not final:
-            for w in open_shards:
-                if w.pending:
-                    self._write_running(w)
+        try:
+            if self.stop_reason != "fenced":
+                self.run_lease.write_json(self.stage.root / "usage.json", u)
+            if not final:
+                for w in open_shards:
+                    if w.pending and self.stop_reason != "fenced":
+                        self._write_running(w)
+        except Fenced as e:
+            self._fenced(e)
         if self.progress:
             self.progress(u)
 
@@ -574,10 +559,17 @@ class Teacher:
             "updated": time.time()}
 
     def execute(self) -> dict:
-        """Runs to the end (or to the budget / a fatal endpoint error); returns the usage."""
-        self.prepare()
-        if self.todo_shards:
-            asyncio.run(self._main())
-        else:
-            self._report([], final=True)
+        """Runs to the end (or to the budget / a fatal endpoint error, or until a later
+        teacher takes this one over); returns the usage."""
+        try:
+            self.prepare()
+            if self.todo_shards:
+                asyncio.run(self._main())
+            else:
+                self._report([], final=True)
+        except Fenced as e:
+            self._fenced(e)
+        finally:
+            if self.run_lease is not None:
+                self.run_lease.release()
         return self.usage()

@@ -1,5 +1,12 @@
 """The teacher's request journal and cost ledger: every request is on disk before it is sent
-and every answer before its row counts as done, so a restart never re-sends a persisted answer."""
+and every answer before its row counts as done, so a restart never re-sends a persisted answer.
+
+Fencing: a shard's journal is appended only through the file its lease holder *bound* when it
+opened the shard (``bind``; the holder made that file with ``Lease.replace_open``, replacing
+the previous one through its write token). The next holder replaces the file again, so the
+previous holder's file is detached: whatever a frozen-then-woken holder appends lands in an
+unlinked inode. A reader drops a torn last line instead of truncating the file in place (the
+next holder's replacement leaves it out)."""
 
 from __future__ import annotations
 
@@ -9,8 +16,6 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-from ..rundir.io import _fsync_dir
 
 log = logging.getLogger("capsfus.teacher")
 
@@ -32,29 +37,38 @@ class Journal:
     def path(self, shard: int) -> Path:
         return self.folder / f"{shard:05d}.jsonl"
 
-    def read(self, shard: int) -> list[dict]:
-        """The shard's records; a torn last line (a crash mid-write) is cut off first."""
+    def content(self, shard: int) -> bytes:
+        """The shard's journal without a torn last line (a crash mid-write); b"" if none."""
         p = self.path(shard)
-        if not p.exists():
-            return []
-        data = p.read_bytes()
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            return b""
         if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            with open(p, "r+b") as f:
-                f.truncate(keep)
-                os.fsync(f.fileno())
-            log.warning("journal %s: cut a torn last record (a crash mid-write)", p.name)
-            data = data[:keep]
+            log.warning("journal %s: left out a torn last record (a crash mid-write)", p.name)
+            data = data[:data.rfind(b"\n") + 1]
+        return data
+
+    def read(self, shard: int) -> list[dict]:
+        """The shard's records (read only: a torn last line is left out, not cut off)."""
         out = []
-        for line in data.splitlines():
+        for line in self.content(shard).splitlines():
             try:
                 out.append(json.loads(line))
             except ValueError:
-                log.warning("journal %s: skipped an unreadable record", p.name)
+                log.warning("journal %s: skipped an unreadable record", self.path(shard).name)
         return out
 
     def shards_with_journal(self) -> list[int]:
         return sorted(int(p.name[:5]) for p in self.folder.glob("*.jsonl") if p.name[:5].isdigit())
+
+    def bind(self, shard: int, f) -> None:
+        """The file (open for binary append) that this process appends the shard's records
+        to: the one its lease holder made (see the module docstring)."""
+        old = self._files.pop(shard, None)
+        if old is not None:
+            old.close()
+        self._files[shard] = f
 
     def start(self) -> None:
         self._wake = asyncio.Event()
@@ -92,10 +106,8 @@ class Journal:
         for shard, line, _ in batch:
             f = self._files.get(shard)
             if f is None:
-                new = not self.path(shard).exists()
-                f = self._files[shard] = open(self.path(shard), "ab")
-                if new:
-                    _fsync_dir(self.folder)
+                raise RuntimeError(f"journal of shard {shard}: appended to before its lease "
+                                   f"holder bound its file")
             f.write(line)
             touched[shard] = f
         for f in touched.values():

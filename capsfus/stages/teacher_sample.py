@@ -38,8 +38,9 @@ def input_count(run: Run, manifest: dict, input_stage: str, shard: int) -> int:
 
 
 def select_sample(run: Run, manifest: dict, input_stage: str, n: int | None, seed: int,
-                  cache: Path) -> dict[int, list[int]]:
-    """{shard: sorted row indices} of the sample (every row when ``n`` is None)."""
+                  cache: Path, tmp_dir: Path | None = None) -> dict[int, list[int]]:
+    """{shard: sorted row indices} of the sample (every row when ``n`` is None). ``tmp_dir``:
+    the run lease's token the cache is written through."""
     shards = range(len(manifest["shards"]))
     if n is None:
         return {i: list(range(input_count(run, manifest, input_stage, i))) for i in shards}
@@ -66,5 +67,5 @@ def select_sample(run: Run, manifest: dict, input_stage: str, n: int | None, see
     for v in out.values():
         v.sort()
     atomic_write_json(cache, {"key": key, "rows": sum(map(len, out.values())),
-                              "shards": {str(k): v for k, v in out.items()}})
+                              "shards": {str(k): v for k, v in out.items()}}, tmp_dir=tmp_dir)
     return out
