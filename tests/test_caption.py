@@ -185,6 +185,17 @@ def write_image_parquet(path: Path, n: int = 10, with_blip: bool = True) -> list
     return images
 
 
+def captioned_run(tmp_path: Path, blip) -> tuple[Path, list]:
+    """10 image rows in shards of 5, captioned by ``blip``: the run and its caption command."""
+    write_image_parquet(tmp_path / "imgs.parquet")
+    run = tmp_path / "run"
+    capsfus("shard", tmp_path / "imgs.parquet", "--out", run, "--synthetic-col", "blip",
+            "--rows-per-shard", 5)
+    cap = ["caption", run, "--model", blip, "--chunk-size", 5, "--decode-threads", 0, *FAST]
+    capsfus(*cap)
+    return run, cap
+
+
 def run_rows(run: Path, stage: str) -> dict[str, dict]:
     out, _ = stage_rows(run, stage)
     return {r["id"]: r for r in out}

@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from runhelp import REPO, assert_exactly_once, capsfus, env
 from test_train import (
     _group_alive,
-    _stepped_past_a_checkpoint,
     assert_redone_steps_identical,
     fusion_rows,
+    kill_a_step_past_a_checkpoint,
     read_log,
     write_config,
     write_jsonl,
@@ -58,19 +55,7 @@ def test_lora_train_kill_resume_export_fuse(tmp_path, tiny_llama_dir):
     args = _train_args(src, tiny_llama_dir, cfg, out, prompt)
 
     # 1. run, SIGKILL the process group once a checkpoint is complete and a step past it
-    p = subprocess.Popen(args, cwd=REPO, env=env(), start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not _stepped_past_a_checkpoint(out):
-        assert p.poll() is None, f"training ended early: {p.stderr.read()[-3000:]}"
-        assert time.time() < deadline, "no complete checkpoint in time"
-        time.sleep(0.02)
-    time.sleep(random.uniform(0, 0.3))
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    t = time.time()
-    while _group_alive(p.pid) and time.time() < t + 10:
-        time.sleep(0.1)
+    kill_a_step_past_a_checkpoint(args, out, timeout=300, poll=0.02, jitter=0.3)
     assert not (out / "model").exists(), "the run finished before the kill: test is void"
     ckpt = latest_complete(out / "checkpoints")
     assert (ckpt / "adapter_model.safetensors").is_file(), sorted(os.listdir(ckpt))
@@ -205,20 +190,8 @@ def test_lora_zero3_two_ranks_kill_resume_export_fuse(tmp_path, tiny_llama_dir):
     args = _train_args(src, tiny_llama_dir, cfg, out, prompt, "--nproc", "2")
 
     # 1. run, SIGKILL the process group (both ranks) a step past a complete checkpoint
-    p = subprocess.Popen(args, cwd=REPO, env=env(), start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 400
-    while not _stepped_past_a_checkpoint(out):
-        assert p.poll() is None, f"training ended early: {p.stderr.read()[-3000:]}"
-        assert time.time() < deadline, "no complete checkpoint in time"
-        time.sleep(0.05)
-    time.sleep(random.uniform(0, 0.5))
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    t = time.time()
-    while _group_alive(p.pid) and time.time() < t + 10:
-        time.sleep(0.1)
-    assert not _group_alive(p.pid), "ranks survived the kill"
+    pgid = kill_a_step_past_a_checkpoint(args, out, timeout=400)
+    assert not _group_alive(pgid), "ranks survived the kill"
     assert not (out / "model").exists(), "the run finished before the kill: test is void"
     ckpt = latest_complete(out / "checkpoints")
     files = sorted(os.listdir(ckpt))

@@ -56,6 +56,12 @@ def _snapshot(stage_root: Path) -> dict[str, bytes]:
     return snap
 
 
+def _changed(before: dict[str, bytes], stage_root: Path) -> list[str]:
+    """The files of the stage added, removed or rewritten since the ``before`` snapshot."""
+    after = _snapshot(stage_root)
+    return sorted(k for k in set(after) | set(before) if after.get(k) != before.get(k))
+
+
 @pytest.mark.parametrize("point,takeovers", [
     ("fenced_write:3", 1),      # frozen between the fencing check and the state write
     ("fenced_write:3", 3),      # … while its epoch's lease files were deleted by acquire
@@ -81,8 +87,7 @@ def test_frozen_worker_wakes_after_takeovers_and_changes_nothing(tmp_path, point
     finally:
         frozen.send_signal(signal.SIGCONT)
     frozen.wait(timeout=60)
-    after = _snapshot(run / "fuse")
-    changed = sorted(k for k in set(after) | set(before) if after.get(k) != before.get(k))
+    changed = _changed(before, run / "fuse")
     assert not changed, f"the woken worker changed the run directory: {changed}"
     assert stage.read_state(0) == done
     out, rej = assert_exactly_once(run)
@@ -111,8 +116,7 @@ def test_worker_frozen_while_compacting_changes_nothing_when_it_wakes(tmp_path, 
     finally:
         frozen.send_signal(signal.SIGCONT)
     frozen.wait(timeout=60)
-    after = _snapshot(run / "fuse")
-    changed = sorted(k for k in set(after) | set(before) if after.get(k) != before.get(k))
+    changed = _changed(before, run / "fuse")
     assert not changed, f"the woken worker changed the run directory: {changed}"
     out, rej = assert_exactly_once(run)
     assert len(out) == 200 and not rej

@@ -28,10 +28,14 @@ def make_run(tmp: Path, n: int, per_shard: int, name: str = "run") -> Path:
 
 
 def wait_jobs(cluster, run: Path, stage: str = "fuse", timeout: float = 120) -> None:
-    """Until no job of the run's submissions is left in squeue."""
+    """Until no job of the run's submissions (there must be some) is left in squeue."""
+    assert submitted_job_ids(run / stage)
+    wait_gone(cluster, run, stage, timeout)
+
+
+def wait_gone(cluster, run: Path, stage: str = "fuse", timeout: float = 120) -> None:
+    """Until no job of the run's submissions is left in squeue (scancelled after timeout)."""
     deadline = time.time() + timeout
-    ids = submitted_job_ids(run / stage)
-    assert ids
     while True:
         bases = sorted({i.split("_")[0] for i in submitted_job_ids(run / stage)})
         if not any(cluster.active(b) for b in bases):

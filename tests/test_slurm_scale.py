@@ -25,6 +25,7 @@ from runhelp import (
     popen,
     write_rows,
 )
+from test_slurm_fuse import wait_gone
 
 from capsfus.executors.local import _rotate, worker_number
 from capsfus.executors.slurm import (
@@ -266,18 +267,6 @@ def test_submit_without_model_takes_the_recorded_model(tmp_path, tiny_llama_dir)
 
 
 # --- SLURM: items 5 and 8 ---------------------------------------------------------------
-def wait_gone(cluster, run: Path, stage: str = "fuse", timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while True:
-        bases = sorted({i.split("_")[0] for i in submitted_job_ids(run / stage)})
-        if not any(cluster.active(b) for b in bases):
-            return
-        if time.time() > deadline:
-            cluster.run("scancel", *bases, check=False)
-            raise TimeoutError(cluster.run("squeue", check=False).stdout)
-        time.sleep(0.3)
-
-
 @pytest.mark.slurm
 def test_resume_relaunches_only_the_selection_and_never_stacks(slurm_cluster, tmp_path):
     run = make_run(tmp_path, n=40, per_shard=2)    # 20 shards

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from openai_server import start_server
 from runhelp import assert_exactly_once, capsfus, stage_rows
-from test_caption import FAST, build_tiny_blip, write_image_parquet
+from test_caption import build_tiny_blip, captioned_run
 
 KEY = "sk-stale-caption-1"
 
@@ -35,12 +35,7 @@ def _counts(run: Path) -> dict:
 
 @pytest.mark.slow
 def test_redone_captions_make_fusions_and_teacher_answers_stale(tmp_path, blip):
-    write_image_parquet(tmp_path / "imgs.parquet")
-    run = tmp_path / "run"
-    capsfus("shard", tmp_path / "imgs.parquet", "--out", run, "--synthetic-col", "blip",
-            "--rows-per-shard", 5)
-    cap = ["caption", run, "--model", blip, "--chunk-size", 5, "--decode-threads", 0, *FAST]
-    capsfus(*cap)
+    run, cap = captioned_run(tmp_path, blip)
     srv = start_server(tmp_path / "srv", key=KEY)
     try:
         teach = ["teacher", run, "--endpoint", srv.url, "--model", "m", "--sample", 6,

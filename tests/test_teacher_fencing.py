@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from runhelp import assert_exactly_once, capsfus, popen, stage_rows, write_rows
-from test_rundir_guarantees import _snapshot, _wait_stopped
+from test_rundir_guarantees import _changed, _snapshot, _wait_stopped
 
 from capsfus.prompt import PromptTemplate, clean_caption
 from capsfus.rundir.manifest import Run
@@ -93,8 +93,7 @@ def test_frozen_teacher_wakes_after_takeovers_and_changes_nothing(tmp_path, serv
         frozen.send_signal(signal.SIGCONT)
     frozen.wait(timeout=60)
     err = frozen.stderr.read()
-    after = _snapshot(run / "teacher")
-    changed = sorted(k for k in set(after) | set(before) if after.get(k) != before.get(k))
+    changed = _changed(before, run / "teacher")
     assert not changed, f"the woken teacher changed the run directory: {changed}\n{err[-2000:]}"
     assert stage.all_states() == done
     # no new request: at most the attempts that had passed their lease check when it froze
@@ -148,13 +147,8 @@ def test_caption_redone_between_the_teachers_read_and_write_leaves_the_shard_sta
     finishes, but it must record the checksum of the captions it *read*: `status` reports the
     teacher shard stale (input changed), not done, and the next teacher run redoes it from the
     new captions."""
-    from test_caption import FAST, write_image_parquet
-    write_image_parquet(tmp_path / "imgs.parquet")
-    run = tmp_path / "run"
-    capsfus("shard", tmp_path / "imgs.parquet", "--out", run, "--synthetic-col", "blip",
-            "--rows-per-shard", 5)
-    cap = ["caption", run, "--model", blip, "--chunk-size", 5, "--decode-threads", 0, *FAST]
-    capsfus(*cap)
+    from test_caption import captioned_run
+    run, cap = captioned_run(tmp_path, blip)
     caption = StageDir(Run(run), "caption")
     read_sha = caption.read_state(0)["final"]["out"]["sha256"]
     srv = server()

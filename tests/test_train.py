@@ -280,6 +280,27 @@ def _group_alive(pgid: int) -> list[int]:
     return alive
 
 
+def kill_a_step_past_a_checkpoint(args: list[str], out: Path, timeout: float,
+                                  poll: float = 0.05, jitter: float = 0.5) -> int:
+    """Runs ``capsfus train`` in its own process group and SIGKILLs the whole group (every
+    rank) at a random moment after a complete checkpoint and a logged step past it; waits up
+    to 10 s for the group to be gone and returns its id."""
+    p = subprocess.Popen(args, cwd=REPO, env=env(), start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while not _stepped_past_a_checkpoint(out):
+        assert p.poll() is None, f"training ended early: {p.stderr.read()[-3000:]}"
+        assert time.time() < deadline, "no complete checkpoint in time"
+        time.sleep(poll)
+    time.sleep(random.uniform(0, jitter))
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    t = time.time()
+    while _group_alive(p.pid) and time.time() < t + 10:
+        time.sleep(0.1)
+    return p.pid
+
+
 @pytest.mark.slow
 def test_zero3_two_ranks_kill_resume_export_fuse(tmp_path, tiny_llama_dir):
     from capsfus.train.checkpoints import MARKER, checkpoints, latest_complete
@@ -295,20 +316,8 @@ def test_zero3_two_ranks_kill_resume_export_fuse(tmp_path, tiny_llama_dir):
             str(tiny_llama_dir), "--config", str(cfg), "--output", str(out), "--nproc", "2"]
 
     # 1. run, and SIGKILL the whole process group once a checkpoint is complete
-    p = subprocess.Popen(args, cwd=REPO, env=env(), start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 400
-    while not _stepped_past_a_checkpoint(out):
-        assert p.poll() is None, f"training ended early: {p.stderr.read()[-3000:]}"
-        assert time.time() < deadline, "no complete checkpoint in time"
-        time.sleep(0.05)
-    time.sleep(random.uniform(0, 1.0))
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    t = time.time()
-    while _group_alive(p.pid) and time.time() < t + 10:
-        time.sleep(0.1)
-    assert not _group_alive(p.pid), "ranks survived the kill"
+    pgid = kill_a_step_past_a_checkpoint(args, out, timeout=400, jitter=1.0)
+    assert not _group_alive(pgid), "ranks survived the kill"
     assert not (out / "model").exists(), "the run finished before the kill: test is void"
     killed_at = max(e.get("step", 0) for e in read_log(out))
 

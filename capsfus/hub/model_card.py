@@ -106,24 +106,22 @@ def read_prompt(ckpt: Path) -> tuple[str, str]:
     return t.body + t.cue, "capsfus' default, the paper's fusion prompt"
 
 
-def _adapter_config(ckpt: Path) -> dict | None:
-    p = ckpt / "adapter_config.json"
+def _json_file(p: Path) -> dict | None:
+    """The file's JSON, None when it is absent; a broken file is a user error."""
     if not p.is_file():
         return None
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except ValueError:
         raise UserError(f"{p} is not valid JSON") from None
+
+
+def _adapter_config(ckpt: Path) -> dict | None:
+    return _json_file(ckpt / "adapter_config.json")
 
 
 def training_info(ckpt: Path) -> dict | None:
-    p = ckpt / TRAINING_INFO
-    if not p.is_file():
-        return None
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except ValueError:
-        raise UserError(f"{p} is not valid JSON") from None
+    return _json_file(ckpt / TRAINING_INFO)
 
 
 def _training_section(info: dict | None) -> str:

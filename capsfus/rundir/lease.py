@@ -177,17 +177,8 @@ class LeaseDir:
         return {shard: self._read(shard, epoch) for shard, (epoch, _) in best.items()}
 
     def current(self, shard: int) -> LeaseInfo | None:
-        epochs = []
-        prefix = f"{shard:05d}.e"
-        try:
-            for name in os.listdir(self.folder):
-                if name.startswith(prefix):
-                    m = LEASE_RE.match(name)
-                    if m:
-                        epochs.append(int(m.group(2)))
-        except FileNotFoundError:
-            return None
-        return self._read(shard, max(epochs)) if epochs else None
+        epoch = self.highest_epoch(shard)
+        return self._read(shard, epoch) if epoch else None
 
     def _read(self, shard: int, epoch: int) -> LeaseInfo | None:
         path = self.path(shard, epoch)
